@@ -1,0 +1,195 @@
+"""Dense reference transformer (LLaMA / Qwen2 family): the equations, with the FFN kept neuron-major.
+
+Weights are stored input-major (``x @ W_t``): on these CPUs that matrix-vector product streams memory
+about twice as fast as ``F.linear(x, W)``. FFN neuron j owns the column pair ``w_gate_up_t[:, j] =
+(gate_j, up_j)`` and the row ``w_down_t[j]``, so a subset of neurons is an index along the n_ff axis
+of both; the hybrid runtime splits layers along that axis.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.config import ModelConfig
+
+_ACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "relu": F.relu, "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+# (layer index, normed hidden [N, d]) -> FFN output [N, d]; the hybrid runtime plugs in here.
+FFNFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * w, computed in fp32 as the reference implementations do."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim/2], with linear or llama3 scaling when configured."""
+    hd = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd)
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv = inv / float(scaling["factor"])
+    elif kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+        mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+        inv = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    elif kind != "default":
+        raise ValueError(f"rope scaling {kind!r} not supported (default, linear, llama3)")
+    return inv
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Per-layer key/value buffers for ``num_slots`` sequences of up to ``max_len`` tokens."""
+
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        shape = (cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)      # [L, S, KV, max_len, hd]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+
+@dataclass(slots=True)
+class StepInput:
+    """Where a forward pass writes and reads: token positions and cache slots, shared by all layers."""
+
+    positions: torch.Tensor      # [B, T] absolute position of each input token
+    slots: torch.Tensor          # [B, T] cache slot of each row (repeated along T)
+    rows: slice | torch.Tensor   # cache slots to read: a slice when they are consecutive (no copy)
+    ctx_len: int                 # keys to attend over: max(position) + 1
+    mask: torch.Tensor | None    # [B, 1, T, ctx_len] bool, None when plain causal over one sequence
+    is_causal: bool
+
+    @staticmethod
+    def build(start: list[int], num_tokens: int, slots: list[int], device: torch.device | str = "cpu") -> "StepInput":
+        """Rows b hold tokens at positions ``start[b] .. start[b] + num_tokens - 1`` in cache slot ``slots[b]``."""
+        pos = torch.tensor(start, dtype=torch.long, device=device)[:, None] + torch.arange(num_tokens, device=device)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=device)
+        slot = slot_t[:, None].expand(-1, num_tokens)
+        rows: slice | torch.Tensor = slot_t
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            rows = slice(slots[0], slots[0] + len(slots))
+        ctx = max(start) + num_tokens
+        if len(start) == 1 and start[0] == 0:      # one fresh sequence: SDPA's causal mask is enough
+            return StepInput(pos, slot, rows, ctx, None, num_tokens > 1)
+        if len(start) == 1 and num_tokens == 1:    # one token over its whole prefix: nothing to mask
+            return StepInput(pos, slot, rows, ctx, None, False)
+        mask = torch.arange(ctx, device=device)[None, None, :] <= pos[:, :, None]     # [B, T, ctx]
+        return StepInput(pos, slot, rows, ctx, mask[:, None], False)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv_out = (self.num_heads + 2 * self.num_kv) * self.head_dim
+        self.w_qkv_t = nn.Parameter(torch.empty(cfg.hidden_size, qkv_out), requires_grad=False)
+        self.b_qkv = nn.Parameter(torch.empty(qkv_out), requires_grad=False) if cfg.attention_bias else None
+        self.w_o_t = nn.Parameter(torch.empty(self.num_heads * self.head_dim, cfg.hidden_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, step: StepInput, cos: torch.Tensor, sin: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, KV, hd = self.num_heads, self.num_kv, self.head_dim
+        qkv = x @ self.w_qkv_t                                                  # [B, T, (H+2KV)*hd]
+        if self.b_qkv is not None:
+            qkv = qkv + self.b_qkv
+        q, k, v = qkv.view(B, T, H + 2 * KV, hd).split([H, KV, KV], dim=2)    # [B, T, *, hd]
+        q = q * cos + rotate_half(q) * sin                                      # cos/sin: [B, T, 1, hd]
+        k = k * cos + rotate_half(k) * sin
+        k_cache[step.slots, :, step.positions] = k                              # cache: [S, KV, max_len, hd]
+        v_cache[step.slots, :, step.positions] = v
+        keys = k_cache[step.rows, :, :step.ctx_len]                             # [B, KV, ctx, hd]
+        values = v_cache[step.rows, :, :step.ctx_len]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=step.mask,
+                                             is_causal=step.is_causal, enable_gqa=KV != H)  # [B, H, T, hd]
+        return out.transpose(1, 2).reshape(B, T, H * hd) @ self.w_o_t
+
+
+class FFN(nn.Module):
+    """y = sum_j act(gate_j . x) * (up_j . x) * down_j over neurons j (gated), or act(up_j . x) * down_j."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        n_mats = 2 if cfg.is_gated_ffn else 1
+        self.act = _ACT[cfg.hidden_act]
+        self.w_gate_up_t = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size, n_mats), requires_grad=False)
+        self.w_down_t = nn.Parameter(torch.empty(cfg.intermediate_size, cfg.hidden_size), requires_grad=False)
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-neuron activation a_j [N, n_ff] for x [N, d]."""
+        return ffn_activations(x, self.w_gate_up_t, self.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activations(x) @ self.w_down_t                            # [N, n_ff] @ [n_ff, d]
+
+
+def ffn_activations(x: torch.Tensor, w_gate_up_t: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """a = act(x W_gate^T) * (x W_up^T) for neurons ``w_gate_up_t`` [d, n, 2|1]; x [N, d] -> [N, n]."""
+    d, n, n_mats = w_gate_up_t.shape
+    gu = (x @ w_gate_up_t.view(d, n * n_mats)).view(x.shape[0], n, n_mats)
+    return act(gu[..., 0]) * gu[..., 1] if n_mats == 2 else act(gu[..., 0])
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
+        self.ffn_norm = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
+        self.attn = Attention(cfg)
+        self.ffn = FFN(cfg)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
+        self.lm_head_t = nn.Parameter(torch.empty(cfg.hidden_size, cfg.vocab_size), requires_grad=False)
+        # Tied models look tokens up in the head's columns (a strided gather of d values per token).
+        self.embed: torch.Tensor = self.lm_head_t.t() if cfg.tie_word_embeddings else \
+            nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, 1, hd] for positions [B, T] (fp32 angles, as in the reference)."""
+        freqs = positions[..., None].float() * self.inv_freq                    # [B, T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, step: StepInput, cache: KVCache, ffn: FFNFn | None = None,
+                all_logits: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, V] of the last position (``all_logits``: [B, T, V]), fp32."""
+        B, T = tokens.shape
+        eps = self.cfg.rms_norm_eps
+        x = self.embed[tokens]                                                  # [B, T, d]
+        cos, sin = self.rope(step.positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = x + layer.attn(rms_norm(x, layer.attn_norm, eps), step, cos, sin, cache.k[i], cache.v[i])
+            h = rms_norm(x, layer.ffn_norm, eps).view(B * T, -1)               # [N, d]
+            x = x + (layer.ffn(h) if ffn is None else ffn(i, h)).view(B, T, -1)
+        if not all_logits:
+            x = x[:, -1]
+        return (rms_norm(x, self.norm, eps) @ self.lm_head_t).float()

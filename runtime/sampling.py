@@ -1,0 +1,73 @@
+"""Sampling parameters (validated on construction) and the sampler that turns logits into tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.errors import InvalidRequestError
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` is greedy; ``seed`` makes sampling reproducible."""
+
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0                    # 0: no top-k cut
+    top_p: float = 1.0                # 1.0: no nucleus cut
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        problems = []
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            problems.append(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0 \
+                or self.temperature != self.temperature:
+            problems.append(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            problems.append(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            problems.append(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if problems:
+            raise InvalidRequestError("; ".join(problems))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class Sampler:
+    """Per-request token choice: greedy argmax, or temperature / top-k / top-p with its own RNG."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if not params.is_greedy:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """One token id from logits [V] (fp32)."""
+        p = self.params
+        if p.is_greedy:
+            return int(logits.argmax())
+        logits = logits / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) >= p.top_p      # keep the smallest prefix reaching top_p
+            logits = logits.masked_fill(torch.empty_like(drop).scatter_(0, order, drop), float("-inf"))
+        probs = logits.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
