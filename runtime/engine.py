@@ -103,6 +103,12 @@ class Engine:
         return Sequence(f"req-{next(_request_ids)}", prompt, ids, params, Sampler(params),
                         IncrementalDetokenizer(self.tokenizer))
 
+    def prompt_logits(self, prompt: str) -> torch.Tensor:
+        """fp32 next-token logits [V] after ``prompt`` (one prefill in a fresh cache)."""
+        ids = self.make_sequence(prompt, SamplingParams(max_tokens=1)).prompt_ids
+        cache = self.runner.new_cache(1, len(ids))
+        return self.runner.forward(torch.tensor([ids]), StepInput.build([0], len(ids), [0]), cache)[0]
+
     def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[RequestOutput]:
         seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, params, strict=True)]
         for i in range(0, len(seqs), self.max_batch_size):

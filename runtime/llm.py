@@ -31,18 +31,33 @@ class LLM:
 
     ``model`` is a registry name (``pinfer models`` lists them), a model directory (pinfer or Hugging
     Face safetensors layout) or a ``.gguf`` file; ``None`` takes the registry default.
+
+    With ``hot_fraction`` or ``address`` set, the model runs on the hybrid Ray runtime: a GPU executor
+    holding ``hot_fraction`` of every layer's FFN neurons and a CPU executor holding the rest, on the
+    cluster at ``address`` (``"auto"``: the local ``ray start`` cluster) or an embedded one. Otherwise
+    it runs in this process on the dense reference engine.
     """
 
-    def __init__(self, model: str | None = None, *, dtype: str | torch.dtype = "float32",
-                 num_threads: int | None = None, max_model_len: int | None = None,
-                 max_batch_size: int = 16) -> None:
+    def __init__(self, model: str | None = None, *, hot_fraction: float | None = None, address: str | None = None,
+                 dtype: str | torch.dtype = "float32", num_threads: int | None = None,
+                 max_model_len: int | None = None, max_batch_size: int = 16,
+                 memory_budget_bytes: int | None = None) -> None:
         self.model_name = model or default_model()
         self.model_dir = resolve_model(self.model_name)
-        torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.dtype = parse_dtype(dtype)
         self.tokenizer = TextTokenizer(self.model_dir)
-        self._engine: Engine | None = Engine(DenseRunner(load_transformer(self.model_dir, self.dtype)),
-                                             self.tokenizer, max_model_len, max_batch_size)
+        self.is_hybrid = hot_fraction is not None or address is not None
+        if self.is_hybrid:
+            from runtime.hybrid import HybridEngine
+
+            self._engine: Engine | HybridEngine | None = HybridEngine(
+                self.model_dir, hot_fraction=0.5 if hot_fraction is None else hot_fraction,
+                dtype=str(self.dtype).removeprefix("torch."), address=address,
+                memory_budget_bytes=memory_budget_bytes, max_batch_size=max_batch_size, max_model_len=max_model_len)
+        else:
+            torch.set_num_threads(num_threads or os.cpu_count() or 1)
+            self._engine = Engine(DenseRunner(load_transformer(self.model_dir, self.dtype)),
+                                  self.tokenizer, max_model_len, max_batch_size)
 
     def generate(self, prompts: str | list[str],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -56,11 +71,20 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
         return self._engine.generate(prompts, plist)
 
+    def prompt_logits(self, prompt: str) -> torch.Tensor:
+        """fp32 next-token logits [V] after ``prompt``."""
+        if self._engine is None:
+            raise RuntimeError("this LLM was shut down")
+        return self._engine.prompt_logits(prompt)
+
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
         """Answer one conversation (``[{"role": "user", "content": ...}, ...]``) through the chat template."""
         return self.generate(self.tokenizer.apply_chat_template(messages), params)[0]
 
     def shutdown(self) -> None:
+        """Release the engine; on the hybrid runtime: shared memory, sockets, actors (and an embedded cluster)."""
+        if self.is_hybrid and self._engine is not None:
+            self._engine.shutdown()
         self._engine = None
 
     def __enter__(self) -> "LLM":

@@ -17,7 +17,7 @@ from torch import nn
 
 from runtime.config import ModelConfig
 
-_ACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu, "relu": F.relu, "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
@@ -132,7 +132,7 @@ class FFN(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         n_mats = 2 if cfg.is_gated_ffn else 1
-        self.act = _ACT[cfg.hidden_act]
+        self.act = ACTIVATIONS[cfg.hidden_act]
         self.w_gate_up_t = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size, n_mats), requires_grad=False)
         self.w_down_t = nn.Parameter(torch.empty(cfg.intermediate_size, cfg.hidden_size), requires_grad=False)
 

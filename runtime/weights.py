@@ -22,7 +22,7 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-class _Checkpoint:
+class Checkpoint:
     """Tensor lookup across (possibly sharded) safetensors files, each opened memory-mapped once."""
 
     def __init__(self, model_dir: Path) -> None:
@@ -39,11 +39,14 @@ class _Checkpoint:
 
 
 def load_transformer(model_dir: str | Path, dtype: torch.dtype = torch.float32,
-                     cfg: ModelConfig | None = None) -> Transformer:
-    """Build the dense model from ``model_dir`` (config.json + *.safetensors) in ``dtype``."""
+                     cfg: ModelConfig | None = None, with_ffn: bool = True) -> Transformer:
+    """Build the dense model from ``model_dir`` (config.json + *.safetensors) in ``dtype``.
+
+    ``with_ffn=False`` leaves the FFN weights empty: the hybrid runtime keeps them in neuron shards.
+    """
     model_dir = Path(model_dir)
     cfg = cfg or ModelConfig.load(model_dir)
-    ckpt = _Checkpoint(model_dir)
+    ckpt = Checkpoint(model_dir)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")
@@ -70,6 +73,10 @@ def load_transformer(model_dir: str | Path, dtype: torch.dtype = torch.float32,
         layer.attn.w_o_t.data = t(a + "o_proj.weight")
         m = p + "mlp."
         mats = ["gate", "up"] if cfg.is_gated_ffn else ["up"]
+        if not with_ffn:
+            layer.ffn.w_gate_up_t.data = torch.empty(cfg.hidden_size, 0, len(mats), dtype=dtype)
+            layer.ffn.w_down_t.data = torch.empty(0, cfg.hidden_size, dtype=dtype)
+            continue
         layer.ffn.w_gate_up_t.data = torch.stack([t(m + f"{n}_proj.weight") for n in mats], dim=2)  # [d, n_ff, 2]
         layer.ffn.w_down_t.data = t(m + "down_proj.weight")                                           # [n_ff, d]
     logger.info("loaded %s: %d layers, d=%d, n_ff=%d, %s", model_dir, cfg.num_hidden_layers,

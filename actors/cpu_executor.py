@@ -1,0 +1,83 @@
+"""CPU executor: the cold FFN neurons of every layer, served on a doorbell loop thread.
+
+Per message it reads the hidden rows from the shared arena, computes its partial FFN sum straight
+into the arena's ``y_cold`` rows and answers with the layer's start/end times.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from actors.ffn_shard import FFNShard
+from runtime.llm import parse_dtype
+from scheduler.doorbell import DoorbellClosed, DoorbellListener
+from scheduler.layer_scheduler import OP_FFN, OP_PING, OP_STOP, STATUS_ERROR, STATUS_OK
+from scheduler.shm import BufferSpec, SharedArena
+
+logger = logging.getLogger(__name__)
+
+
+class CPUExecutor:
+    def __init__(self, model_dir: str, cold_neurons: list[np.ndarray], dtype: str = "float32",
+                 num_threads: int = 1) -> None:
+        self.num_threads = num_threads
+        self.dtype = parse_dtype(dtype)
+        self.shard = FFNShard.load(Path(model_dir), cold_neurons, self.dtype)
+        self._listener: DoorbellListener | None = None
+        self._arena: SharedArena | None = None
+        self._thread: threading.Thread | None = None
+        logger.info("CPU executor: %.1f MB of cold neurons", self.shard.nbytes() / 1e6)
+
+    def attach(self, arena_name: str, specs: list[BufferSpec]) -> str:
+        """Map the scheduler's arena and start serving; returns the doorbell socket path to connect to."""
+        self._arena = SharedArena(specs, name=arena_name)
+        self._listener = DoorbellListener()
+        self._thread = threading.Thread(target=self._serve, name="cpu-executor-loop", daemon=True)
+        self._thread.start()
+        return self._listener.path
+
+    def pid(self) -> int:
+        import os
+        return os.getpid()
+
+    def _serve(self) -> None:
+        torch.set_num_threads(self.num_threads)        # per thread under OpenMP: set it in the loop thread
+        x = torch.from_numpy(self._arena["x"])
+        y = torch.from_numpy(self._arena["y_cold"])
+        bell = self._listener.accept()
+        while True:
+            try:
+                op, seq, layer, n = bell.recv()
+            except DoorbellClosed:
+                break
+            if op == OP_STOP:
+                break
+            t0 = time.perf_counter_ns()
+            status, error = STATUS_OK, ""
+            if op == OP_FFN:
+                try:
+                    xs = x[:n] if self.dtype == torch.float32 else x[:n].to(self.dtype)
+                    if self.dtype == torch.float32:
+                        self.shard.partial(layer, xs, out=y[:n])
+                    else:
+                        y[:n].copy_(self.shard.partial(layer, xs))
+                except Exception as e:                  # answer, never hang the scheduler
+                    logger.exception("cold FFN failed on layer %d", layer)
+                    status, error = STATUS_ERROR, f"{type(e).__name__}: {e}"
+            elif op != OP_PING:
+                status, error = STATUS_ERROR, f"unknown op {op}"
+            bell.send(seq, status, t0, time.perf_counter_ns(), error)
+        bell.close()
+
+    def shutdown(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._arena is not None:
+            self._arena.close()

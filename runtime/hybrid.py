@@ -1,0 +1,135 @@
+"""Driver side of the hybrid runtime: starts the two executor actors, wires their data plane, serves
+requests through the GPU executor, restarts a dead CPU executor, and tears everything down."""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from pathlib import Path
+
+from runtime.cluster import RAY_ENV, cluster_has_gpu, ensure_ray
+from runtime.config import ModelConfig
+from runtime.errors import EngineDeadError
+from runtime.outputs import RequestOutput
+from runtime.sampling import SamplingParams
+from scheduler.layer_scheduler import LayerEvent
+from scheduler.placement import LayerSplit, split_by_fraction
+
+logger = logging.getLogger(__name__)
+
+
+def load_profile(model_dir: Path):
+    """Per-layer activation frequencies from ``activation_profile.safetensors`` beside the model, if any."""
+    path = model_dir / "activation_profile.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors.numpy import load_file
+
+    counts = load_file(str(path))
+    return [counts[f"layer_{i}.frequency"] for i in range(len(counts)) if f"layer_{i}.frequency" in counts]
+
+
+class HybridEngine:
+    def __init__(self, model_dir: Path, *, hot_fraction: float, dtype: str = "float32",
+                 address: str | None = None, memory_budget_bytes: int | None = None,
+                 max_batch_size: int = 16, max_model_len: int | None = None,
+                 gpu_threads: int | None = None, cpu_threads: int | None = None) -> None:
+        import ray
+
+        self.model_dir = model_dir
+        cfg = ModelConfig.load(model_dir)
+        self.splits: list[LayerSplit] = split_by_fraction(cfg.num_hidden_layers, cfg.intermediate_size,
+                                                          hot_fraction, load_profile(model_dir))
+        self.owns_cluster = ensure_ray(address)
+        on_gpu = cluster_has_gpu()
+        cores = os.cpu_count() or 2
+        # Keep intra-op threads <= cores: on CUDA the GPU executor only launches kernels.
+        self.gpu_threads = gpu_threads or 1
+        self.cpu_threads = cpu_threads or max(1, cores - (1 if on_gpu else self.gpu_threads))
+        self.dtype = dtype
+        env = {"runtime_env": {"env_vars": {k: v for k, v in RAY_ENV.items()}}}
+        from actors.cpu_executor import CPUExecutor
+        from actors.gpu_executor import GPUExecutor
+
+        self._gpu_cls = ray.remote(num_cpus=0, num_gpus=1 if on_gpu else 0, **env)(GPUExecutor)
+        self._cpu_cls = ray.remote(num_cpus=0, max_restarts=0, **env)(CPUExecutor)
+        self.gpu = self._gpu_cls.remote(str(model_dir), self.splits, dtype, None, memory_budget_bytes,
+                                        self.gpu_threads, max_batch_size, max_model_len)
+        self.cpu = None
+        try:
+            ray.get(self.gpu.__ray_ready__.remote())
+            self._start_cpu_executor()
+        except Exception:
+            self.shutdown()
+            raise
+        atexit.register(self.shutdown)
+
+    def _start_cpu_executor(self) -> None:
+        import ray
+
+        self.cpu = self._cpu_cls.remote(str(self.model_dir), [s.cold for s in self.splits], self.dtype,
+                                        self.cpu_threads)
+        arena_name, specs = ray.get(self.gpu.arena_info.remote())
+        path = ray.get(self.cpu.attach.remote(arena_name, specs))
+        ray.get(self.gpu.connect.remote(path))
+
+    def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[RequestOutput]:
+        return self._call("generate", prompts, params)
+
+    def prompt_logits(self, prompt: str):
+        return self._call("prompt_logits", prompt)
+
+    def _call(self, method: str, *args: object):
+        """One request through the GPU executor; executor deaths become EngineDeadError, never a hang."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        if self.gpu is None:
+            raise EngineDeadError("the engine was shut down")
+        try:
+            return ray.get(getattr(self.gpu, method).remote(*args))
+        except EngineDeadError as e:            # the CPU executor died: fail this request, heal for the next
+            logger.warning("CPU executor failed (%s); starting a new one", e)
+            self._restart_cpu_executor()
+            raise EngineDeadError(f"request failed: {e}. A new CPU executor was started; retry the request.") from None
+        except RayActorError as e:
+            raise EngineDeadError(f"the GPU executor died: {e}") from None
+
+    def _restart_cpu_executor(self) -> None:
+        import ray
+
+        if self.cpu is not None:
+            ray.kill(self.cpu, no_restart=True)
+        self._start_cpu_executor()
+
+    def trace(self, on: bool | None = None) -> list[LayerEvent]:
+        """Turn per-layer timing on/off (``on``), or fetch the recorded events (``None``)."""
+        import ray
+
+        if on is not None:
+            ray.get(self.gpu.set_tracing.remote(on))
+            return []
+        return ray.get(self.gpu.trace_events.remote())
+
+    def cpu_executor_pid(self) -> int:
+        import ray
+
+        return ray.get(self.cpu.pid.remote())
+
+    def shutdown(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        for actor in (self.gpu, self.cpu):
+            if actor is None:
+                continue
+            try:
+                ray.get(actor.shutdown.remote(), timeout=10)
+            except Exception:                     # already dead: nothing of its own to release
+                pass
+            ray.kill(actor, no_restart=True)
+        self.gpu = self.cpu = None
+        if self.owns_cluster:
+            ray.shutdown()
+            self.owns_cluster = False
