@@ -1,5 +1,9 @@
-"""Ray connection: attach to a running cluster (``address``, ``RAY_ADDRESS`` or a local ``ray start``),
-or start an embedded one bound to localhost."""
+"""Ray connection: attach to the cluster named by ``address`` or ``RAY_ADDRESS`` (``"auto"``: the local
+``ray start --head`` cluster), or else start an embedded one bound to localhost.
+
+Without an address pinfer never probes for a cluster: on a shared machine "the latest cluster" may
+be somebody else's embedded one.
+"""
 from __future__ import annotations
 
 import logging
@@ -26,18 +30,16 @@ def ensure_ray(address: str | None = None, object_store_bytes: int = 512 * 2**20
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     address = address or os.environ.get("RAY_ADDRESS")
-    if address is None:
-        try:                                             # a local `ray start --head` cluster, if one runs
-            ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
-            logger.info("attached to the running Ray cluster")
-            return False
-        except ConnectionError:
-            pass
-    if address is not None:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    if address:
+        try:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        except ConnectionError as e:
+            raise ConnectionError(f"no Ray cluster at {address!r} ({e}); start one with `ray start --head` "
+                                  f"or leave the address unset for an embedded cluster") from None
         logger.info("attached to Ray at %s", address)
         return False
-    ray.init(namespace=NAMESPACE, include_dashboard=False, object_store_memory=object_store_bytes,
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", namespace=NAMESPACE, include_dashboard=False, object_store_memory=object_store_bytes,
              _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
     logger.info("started an embedded Ray cluster")
     return True

@@ -7,6 +7,7 @@ import os
 import torch
 
 from runtime.engine import DenseRunner, Engine
+from runtime.engine_config import EngineConfig
 from runtime.outputs import RequestOutput
 from runtime.registry import default_model, resolve_model
 from runtime.sampling import SamplingParams
@@ -39,21 +40,25 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, *, hot_fraction: float | None = None, address: str | None = None,
-                 dtype: str | torch.dtype = "float32", num_threads: int | None = None,
-                 max_model_len: int | None = None, max_batch_size: int = 16,
+                 dtype: str | torch.dtype | None = None, num_threads: int | None = None,
+                 max_model_len: int | None = None, max_batch_size: int | None = None,
                  memory_budget_bytes: int | None = None) -> None:
+        defaults = EngineConfig.load()                    # configs/engine.yaml fills what is not given
         self.model_name = model or default_model()
         self.model_dir = resolve_model(self.model_name)
-        self.dtype = parse_dtype(dtype)
+        self.dtype = parse_dtype(dtype or defaults.dtype)
         self.tokenizer = TextTokenizer(self.model_dir)
+        max_model_len = max_model_len or defaults.max_model_len
+        max_batch_size = max_batch_size or defaults.max_batch_size
         self.is_hybrid = hot_fraction is not None or address is not None
         if self.is_hybrid:
             from runtime.hybrid import HybridEngine
 
             self._engine: Engine | HybridEngine | None = HybridEngine(
-                self.model_dir, hot_fraction=0.5 if hot_fraction is None else hot_fraction,
+                self.model_dir, hot_fraction=defaults.hot_fraction if hot_fraction is None else hot_fraction,
                 dtype=str(self.dtype).removeprefix("torch."), address=address,
-                memory_budget_bytes=memory_budget_bytes, max_batch_size=max_batch_size, max_model_len=max_model_len)
+                memory_budget_bytes=memory_budget_bytes or defaults.memory_budget_bytes,
+                max_batch_size=max_batch_size, max_model_len=max_model_len)
         else:
             torch.set_num_threads(num_threads or os.cpu_count() or 1)
             self._engine = Engine(DenseRunner(load_transformer(self.model_dir, self.dtype)),

@@ -16,14 +16,14 @@ def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([*PINFER, *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("sub", [[], ["generate"], ["convert"], ["models"], ["download"]])
+@pytest.mark.parametrize("sub", [[], ["generate"], ["serve"], ["stop"], ["convert"], ["models"], ["download"]])
 def test_every_subcommand_has_help(sub: list[str]) -> None:
     r = run(*sub, "--help")
     assert r.returncode == 0 and "usage: pinfer" in r.stdout
 
 
 def test_generate_default_model_greedy() -> None:
-    r = run("generate", "def fib(n):", "--max-tokens", "12", "--json")
+    r = run("generate", "def fib(n):", "--max-tokens", "12", "--json", "--local")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["token_ids"]) == 12 and out["finish_reason"] == "length"

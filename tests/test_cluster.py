@@ -1,0 +1,93 @@
+"""Three ways in, one code path: a `ray start --head` cluster, `pinfer serve` + clients in several processes."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime.cluster import RAY_ENV
+
+VENV_BIN = Path(sys.executable).parent
+CLIENT = """
+import json, sys
+from runtime import SamplingParams
+from runtime.client import connect
+client = connect("auto", name="pinfer-test-engine")
+outs = client.generate(sys.argv[1:], SamplingParams(max_tokens=8, temperature=0.0))
+print(json.dumps([o.token_ids for o in outs]))
+"""
+ATTACH = """
+import json
+from runtime import LLM, SamplingParams
+llm = LLM("smollm2-135m", address="auto", hot_fraction=0.3)
+out = llm.generate(["def fib(n):"], SamplingParams(max_tokens=8, temperature=0.0))[0]
+llm.shutdown()
+print(json.dumps(out.token_ids))
+"""
+PROMPTS = [["def fib(n):", "The capital of France is"], ["import os", "class Stack:"], ["# sort a list"]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory):
+    env = dict(os.environ, **RAY_ENV)
+    env.pop("RAY_ADDRESS", None)
+    port = _free_port()
+    subprocess.run([str(VENV_BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
+                    "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
+                    "--object-store-memory=500000000"], env=env, check=True, capture_output=True, timeout=120)
+    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    yield env
+    subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _py(code: str, env: dict, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_llm_attaches_to_a_ray_start_cluster(ray_head: dict) -> None:
+    from runtime import LLM, SamplingParams
+
+    p = _py(ATTACH, ray_head)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    local = LLM("smollm2-135m").generate(["def fib(n):"], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    assert json.loads(out.strip().splitlines()[-1]) == local.token_ids
+
+
+def test_serve_answers_several_client_processes_at_once(ray_head: dict) -> None:
+    from runtime import LLM, SamplingParams
+
+    pinfer = [str(VENV_BIN / "pinfer")]
+    serve = subprocess.run([*pinfer, "serve", "--detach", "--address", "auto", "--name", "pinfer-test-engine",
+                            "--hot-fraction", "0.5"], env=ray_head, capture_output=True, text=True, timeout=300)
+    assert serve.returncode == 0, serve.stderr
+    try:
+        clients = [_py(CLIENT, ray_head, *prompts) for prompts in PROMPTS]
+        results = []
+        for c in clients:
+            out, err = c.communicate(timeout=300)
+            assert c.returncode == 0, err
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        local = LLM("smollm2-135m")
+        for prompts, got in zip(PROMPTS, results):
+            want = local.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0))
+            assert got == [o.token_ids for o in want]
+    finally:
+        stop = subprocess.run([*pinfer, "stop", "--name", "pinfer-test-engine"], env=ray_head,
+                              capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    again = subprocess.run([*pinfer, "stop", "--name", "pinfer-test-engine"], env=ray_head,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "no engine named" in again.stderr
