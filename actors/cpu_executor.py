@@ -24,10 +24,10 @@ logger = logging.getLogger(__name__)
 
 class CPUExecutor:
     def __init__(self, model_dir: str, cold_neurons: list[np.ndarray], dtype: str = "float32",
-                 num_threads: int = 1) -> None:
+                 num_threads: int = 1, mode: str = "dense", tau_gate: list[float] | None = None) -> None:
         self.num_threads = num_threads
         self.dtype = parse_dtype(dtype)
-        self.shard = FFNShard.load(Path(model_dir), cold_neurons, self.dtype)
+        self.shard = FFNShard.load(Path(model_dir), cold_neurons, self.dtype, "cpu", mode, tau_gate, num_threads)
         self._listener: DoorbellListener | None = None
         self._arena: SharedArena | None = None
         self._thread: threading.Thread | None = None
@@ -49,6 +49,7 @@ class CPUExecutor:
         torch.set_num_threads(self.num_threads)        # per thread under OpenMP: set it in the loop thread
         x = torch.from_numpy(self._arena["x"])
         y = torch.from_numpy(self._arena["y_cold"])
+        mask = torch.from_numpy(self._arena["mask"]) if self.shard.mode == "predictor" else None
         bell = self._listener.accept()
         while True:
             try:
@@ -63,9 +64,9 @@ class CPUExecutor:
                 try:
                     xs = x[:n] if self.dtype == torch.float32 else x[:n].to(self.dtype)
                     if self.dtype == torch.float32:
-                        self.shard.partial(layer, xs, out=y[:n])
+                        self.shard.partial(layer, xs, out=y[:n], mask=mask)
                     else:
-                        y[:n].copy_(self.shard.partial(layer, xs))
+                        y[:n].copy_(self.shard.partial(layer, xs, mask=mask))
                 except Exception as e:                  # answer, never hang the scheduler
                     logger.exception("cold FFN failed on layer %d", layer)
                     status, error = STATUS_ERROR, f"{type(e).__name__}: {e}"

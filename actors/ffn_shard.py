@@ -1,4 +1,12 @@
-"""A subset of every layer's FFN neurons, and the partial FFN sum over it."""
+"""A subset of every layer's FFN neurons, and the partial FFN sum over the ones a token needs.
+
+Modes (the same on both executors):
+- ``dense``: every neuron; input-major weights for the fastest dense matrix-vector product.
+- ``gate`` (CATS): the gate of every neuron is computed; up/down rows only where |act(gate)| > tau_gate.
+- ``predictor`` (PowerInfer): gate/up/down rows only of the neurons the predictor's mask selects.
+Sparse modes keep the weights neuron-major (one neuron = consecutive rows) for the sparse kernel; a
+batch computes the union of its rows' masks.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -9,41 +17,77 @@ import torch
 
 from runtime.config import ModelConfig
 from runtime.model import ACTIVATIONS, ffn_activations
+from runtime.sparsity.kernel import sparse_ffn
 from runtime.weights import Checkpoint
+
+MODES = ("dense", "gate", "predictor")
 
 
 class FFNShard:
-    """Neurons ``idx[l]`` of layer l: ``w_gate_up_t[l]`` [d, n_l, 2|1], ``w_down_t[l]`` [n_l, d]."""
-
-    def __init__(self, cfg: ModelConfig, w_gate_up_t: list[torch.Tensor], w_down_t: list[torch.Tensor]) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, neurons: Sequence[np.ndarray], mode: str, weights: dict[str, list[torch.Tensor]],
+                 tau_gate: Sequence[float] | None = None, num_threads: int = 1) -> None:
+        if mode not in MODES:
+            raise ValueError(f"sparsity mode must be one of {MODES}, got {mode!r}")
+        self.cfg, self.mode, self.num_threads = cfg, mode, num_threads
+        self.act_name = cfg.hidden_act
         self.act = ACTIVATIONS[cfg.hidden_act]
-        self.w_gate_up_t = w_gate_up_t
-        self.w_down_t = w_down_t
+        self.neurons = [torch.as_tensor(np.asarray(n), dtype=torch.long) for n in neurons]   # global ids per layer
+        self.w = weights
+        self.tau_gate = None if tau_gate is None else [float(t) for t in tau_gate]
+        self.num_computed = 0            # neurons computed (summed over layers and steps), for achieved sparsity
+        self.num_offered = 0
 
     @classmethod
     def load(cls, model_dir: str | Path, neurons: Sequence[np.ndarray], dtype: torch.dtype,
-             device: torch.device | str = "cpu") -> "FFNShard":
-        """Read only the given neurons' rows from the checkpoint (memory-mapped)."""
+             device: torch.device | str = "cpu", mode: str = "dense", tau_gate: Sequence[float] | None = None,
+             num_threads: int = 1) -> "FFNShard":
+        """Read only the given neurons' rows from the checkpoint (memory-mapped), laid out for ``mode``."""
         cfg = ModelConfig.load(model_dir)
+        if mode == "gate" and not cfg.is_gated_ffn:
+            raise ValueError("gate mode needs a gated FFN (SwiGLU/ReGLU); this model has none")
         ckpt = Checkpoint(Path(model_dir))
         mats = ["gate", "up"] if cfg.is_gated_ffn else ["up"]
-        gu, down = [], []
+        w: dict[str, list[torch.Tensor]] = {k: [] for k in ("gate_up_t", "down_t", "gate_t", "rows")}
         for layer, idx in enumerate(neurons):
-            rows = torch.as_tensor(idx, dtype=torch.long)
+            rows = torch.as_tensor(np.asarray(idx), dtype=torch.long)
             p = f"model.layers.{layer}.mlp."
-            gu.append(torch.stack([ckpt.get(p + f"{m}_proj.weight", dtype)[rows].t() for m in mats], dim=2)
-                      .contiguous().to(device))                                         # [d, n, 2]
-            down.append(ckpt.get(p + "down_proj.weight", dtype)[:, rows].t().contiguous().to(device))   # [n, d]
-        return cls(cfg, gu, down)
+            m = {name: ckpt.get(p + f"{name}_proj.weight", dtype)[rows] for name in mats}          # [n, d]
+            down = ckpt.get(p + "down_proj.weight", dtype)[:, rows].t()                          # [n, d]
+            if mode == "dense":
+                w["gate_up_t"].append(torch.stack([m[k].t() for k in mats], dim=2).contiguous().to(device))
+                w["down_t"].append(down.contiguous().to(device))
+            elif mode == "gate":                           # dense gate GEMV, then (up, down) rows per neuron
+                w["gate_t"].append(m["gate"].t().contiguous().to(device))
+                w["rows"].append(torch.stack([m["up"], down], dim=1).contiguous().to(device))    # [n, 2, d]
+            else:
+                w["rows"].append(torch.stack([*m.values(), down], dim=1).contiguous().to(device))  # [n, 3|2, d]
+        return cls(cfg, neurons, mode, w, tau_gate, num_threads)
 
     def num_neurons(self, layer: int) -> int:
-        return self.w_down_t[layer].shape[0]
+        return len(self.neurons[layer])
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.w_gate_up_t, *self.w_down_t))
+        return sum(t.numel() * t.element_size() for ts in self.w.values() for t in ts)
 
-    def partial(self, layer: int, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """sum over this shard's neurons j of a_j(x) * down_j; x [N, d] -> [N, d] (into ``out`` if given)."""
-        a = ffn_activations(x, self.w_gate_up_t[layer], self.act)                # [N, n]
-        return torch.matmul(a, self.w_down_t[layer], out=out)                    # [N, n] @ [n, d]
+    def partial(self, layer: int, x: torch.Tensor, out: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """sum over this shard's needed neurons j of a_j(x) * down_j; x [N, d] -> [N, d] (into ``out``).
+
+        ``mask`` [n_ff] bool (global neuron ids) selects neurons in predictor mode.
+        """
+        n_local = self.num_neurons(layer)
+        self.num_offered += n_local
+        if self.mode == "dense":
+            self.num_computed += n_local
+            a = ffn_activations(x, self.w["gate_up_t"][layer], self.act)                  # [N, n]
+            return torch.matmul(a, self.w["down_t"][layer], out=out)                       # [N, n] @ [n, d]
+        gate_act = None
+        if self.mode == "gate":
+            gate_act = self.act(x @ self.w["gate_t"][layer])                               # [N, n]
+            idx = (gate_act.abs() > self.tau_gate[layer]).any(0).nonzero().squeeze(1)
+        else:
+            if mask is None:
+                raise ValueError("predictor mode needs the predictor's mask")
+            idx = mask[self.neurons[layer]].nonzero().squeeze(1)
+        self.num_computed += idx.numel()
+        return sparse_ffn(x, self.w["rows"][layer], idx, self.act_name, self.num_threads, gate_act, out)

@@ -22,6 +22,7 @@ from runtime.llm import parse_dtype
 from runtime.model import KVCache, StepInput, Transformer
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
+from runtime.sparsity.modes import SparsityConfig
 from runtime.tokenizer import TextTokenizer
 from runtime.weights import load_transformer
 from scheduler.doorbell import Doorbell
@@ -59,7 +60,8 @@ class _HybridRunner:
 class GPUExecutor:
     def __init__(self, model_dir: str, splits: list[LayerSplit], dtype: str = "float32",
                  device: str | None = None, memory_budget_bytes: int | None = None, num_threads: int = 1,
-                 max_batch_size: int = 16, max_model_len: int | None = None, max_rows: int = 256) -> None:
+                 max_batch_size: int = 16, max_model_len: int | None = None, max_rows: int = 256,
+                 sparsity: SparsityConfig = SparsityConfig()) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.set_num_threads(num_threads)
         self.dtype = parse_dtype(dtype)
@@ -68,14 +70,18 @@ class GPUExecutor:
         self.max_batch_size = max_batch_size
         self._check_budget(splits, memory_budget_bytes)
         self.model: Transformer = load_transformer(model_dir, self.dtype, self.cfg, with_ffn=False).to(self.device)
-        self.hot = FFNShard.load(model_dir, [s.hot for s in splits], self.dtype, self.device)
+        self.hot = FFNShard.load(model_dir, [s.hot for s in splits], self.dtype, self.device, sparsity.mode,
+                                 sparsity.tau_gate(Path(model_dir)), num_threads)
+        self.mask_fn = sparsity.mask_fn(Path(model_dir), self.dtype, self.device)    # predictor mode only
         self.has_cold = [len(s.cold) > 0 for s in splits]
         self.has_hot = [len(s.hot) > 0 for s in splits]
         d = self.cfg.hidden_size
         self.max_rows = max_rows
-        self.arena = SharedArena([BufferSpec("x", (max_rows, d), "float32"), BufferSpec("y_cold", (max_rows, d), "float32")])
+        self.arena = SharedArena([BufferSpec("x", (max_rows, d), "float32"), BufferSpec("y_cold", (max_rows, d), "float32"),
+                                  BufferSpec("mask", (self.cfg.intermediate_size,), "bool")])
         self._x = torch.from_numpy(self.arena["x"])              # [max_rows, d] shared with the CPU executor
         self._y_cold = torch.from_numpy(self.arena["y_cold"])
+        self._mask = torch.from_numpy(self.arena["mask"])        # [n_ff] the predictor's output, broadcast
         if self.device.type == "cuda":                          # pin the arena so H2D/D2H copies are DMA
             for t in (self._x, self._y_cold):
                 torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
@@ -162,13 +168,16 @@ class GPUExecutor:
         if h.shape[0] > self.max_rows:                           # long prefills go through in chunks
             return torch.cat([self.ffn(layer, chunk) for chunk in h.split(self.max_rows)])
         n = h.shape[0]
+        mask = None if self.mask_fn is None else self.mask_fn(layer, h)         # [n_ff] bool
         if self.has_cold[layer]:
             self._x[:n].copy_(h)                                 # into shared memory (D2H on CUDA)
+            if mask is not None:
+                self._mask.copy_(mask)                           # written once, read by the CPU executor
         result: list[torch.Tensor] = []
 
         def hot() -> None:
             if self.has_hot[layer]:
-                result.append(self.hot.partial(layer, h))
+                result.append(self.hot.partial(layer, h, mask=mask))
             if self.device.type == "cuda":
                 torch.cuda.current_stream().synchronize()       # the trace should show the real GPU time
 

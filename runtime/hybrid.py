@@ -12,34 +12,26 @@ from runtime.config import ModelConfig
 from runtime.errors import EngineDeadError
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
+from runtime.sparsity.modes import SparsityConfig
 from scheduler.layer_scheduler import LayerEvent
 from scheduler.placement import LayerSplit, split_by_fraction
 
 logger = logging.getLogger(__name__)
 
 
-def load_profile(model_dir: Path):
-    """Per-layer activation frequencies from ``activation_profile.safetensors`` beside the model, if any."""
-    path = model_dir / "activation_profile.safetensors"
-    if not path.is_file():
-        return None
-    from safetensors.numpy import load_file
-
-    counts = load_file(str(path))
-    return [counts[f"layer_{i}.frequency"] for i in range(len(counts)) if f"layer_{i}.frequency" in counts]
-
-
 class HybridEngine:
     def __init__(self, model_dir: Path, *, hot_fraction: float, dtype: str = "float32",
                  address: str | None = None, memory_budget_bytes: int | None = None,
                  max_batch_size: int = 16, max_model_len: int | None = None,
-                 gpu_threads: int | None = None, cpu_threads: int | None = None) -> None:
+                 gpu_threads: int | None = None, cpu_threads: int | None = None,
+                 sparsity: SparsityConfig = SparsityConfig()) -> None:
         import ray
 
         self.model_dir = model_dir
         cfg = ModelConfig.load(model_dir)
+        self.sparsity = sparsity
         self.splits: list[LayerSplit] = split_by_fraction(cfg.num_hidden_layers, cfg.intermediate_size,
-                                                          hot_fraction, load_profile(model_dir))
+                                                          hot_fraction, sparsity.frequencies(model_dir))
         self.owns_cluster = ensure_ray(address)
         on_gpu = cluster_has_gpu()
         cores = os.cpu_count() or 2
@@ -54,7 +46,7 @@ class HybridEngine:
         self._gpu_cls = ray.remote(num_cpus=0, num_gpus=1 if on_gpu else 0, **env)(GPUExecutor)
         self._cpu_cls = ray.remote(num_cpus=0, max_restarts=0, **env)(CPUExecutor)
         self.gpu = self._gpu_cls.remote(str(model_dir), self.splits, dtype, None, memory_budget_bytes,
-                                        self.gpu_threads, max_batch_size, max_model_len)
+                                        self.gpu_threads, max_batch_size, max_model_len, sparsity=sparsity)
         self.cpu = None
         try:
             ray.get(self.gpu.__ray_ready__.remote())
@@ -68,7 +60,7 @@ class HybridEngine:
         import ray
 
         self.cpu = self._cpu_cls.remote(str(self.model_dir), [s.cold for s in self.splits], self.dtype,
-                                        self.cpu_threads)
+                                        self.cpu_threads, self.sparsity.mode, self.sparsity.tau_gate(self.model_dir))
         arena_name, specs = ray.get(self.gpu.arena_info.remote())
         path = ray.get(self.cpu.attach.remote(arena_name, specs))
         ray.get(self.gpu.connect.remote(path))

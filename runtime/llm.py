@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import torch
 
 from runtime.engine import DenseRunner, Engine
@@ -11,6 +12,7 @@ from runtime.engine_config import EngineConfig
 from runtime.outputs import RequestOutput
 from runtime.registry import default_model, resolve_model
 from runtime.sampling import SamplingParams
+from runtime.sparsity.modes import SparseRunner, SparsityConfig
 from runtime.tokenizer import TextTokenizer
 from runtime.weights import load_transformer
 
@@ -42,7 +44,8 @@ class LLM:
     def __init__(self, model: str | None = None, *, hot_fraction: float | None = None, address: str | None = None,
                  dtype: str | torch.dtype | None = None, num_threads: int | None = None,
                  max_model_len: int | None = None, max_batch_size: int | None = None,
-                 memory_budget_bytes: int | None = None) -> None:
+                 memory_budget_bytes: int | None = None, sparsity: str = "dense",
+                 activation_sparsity: float = 0.0) -> None:
         defaults = EngineConfig.load()                    # configs/engine.yaml fills what is not given
         self.model_name = model or default_model()
         self.model_dir = resolve_model(self.model_name)
@@ -50,6 +53,7 @@ class LLM:
         self.tokenizer = TextTokenizer(self.model_dir)
         max_model_len = max_model_len or defaults.max_model_len
         max_batch_size = max_batch_size or defaults.max_batch_size
+        self.sparsity = SparsityConfig(sparsity, activation_sparsity)
         self.is_hybrid = hot_fraction is not None or address is not None
         if self.is_hybrid:
             from runtime.hybrid import HybridEngine
@@ -58,11 +62,28 @@ class LLM:
                 self.model_dir, hot_fraction=defaults.hot_fraction if hot_fraction is None else hot_fraction,
                 dtype=str(self.dtype).removeprefix("torch."), address=address,
                 memory_budget_bytes=memory_budget_bytes or defaults.memory_budget_bytes,
-                max_batch_size=max_batch_size, max_model_len=max_model_len)
+                max_batch_size=max_batch_size, max_model_len=max_model_len, sparsity=self.sparsity)
         else:
-            torch.set_num_threads(num_threads or os.cpu_count() or 1)
-            self._engine = Engine(DenseRunner(load_transformer(self.model_dir, self.dtype)),
-                                  self.tokenizer, max_model_len, max_batch_size)
+            threads = num_threads or os.cpu_count() or 1
+            torch.set_num_threads(threads)
+            self._engine = Engine(self._local_runner(threads), self.tokenizer, max_model_len, max_batch_size)
+
+    def _local_runner(self, threads: int) -> DenseRunner | SparseRunner:
+        if self.sparsity.mode == "dense":
+            return DenseRunner(load_transformer(self.model_dir, self.dtype))
+        from actors.ffn_shard import FFNShard
+
+        model = load_transformer(self.model_dir, self.dtype, with_ffn=False)
+        every = [np.arange(model.cfg.intermediate_size)] * model.cfg.num_hidden_layers
+        shard = FFNShard.load(self.model_dir, every, self.dtype, mode=self.sparsity.mode,
+                              tau_gate=self.sparsity.tau_gate(self.model_dir), num_threads=threads)
+        return SparseRunner(model, shard, self.sparsity.mask_fn(self.model_dir, self.dtype))
+
+    def achieved_sparsity(self) -> float | None:
+        """Share of offered FFN neurons skipped so far (in-process sparse engines only)."""
+        runner = getattr(self._engine, "runner", None)
+        shard = getattr(runner, "shard", None)
+        return None if shard is None or not shard.num_offered else 1 - shard.num_computed / shard.num_offered
 
     def generate(self, prompts: str | list[str],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:

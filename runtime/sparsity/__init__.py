@@ -1,0 +1,1 @@
+"""Activation sparsity: corpus, profiler, thresholds, predictors, and the neuron-aware FFN kernel."""

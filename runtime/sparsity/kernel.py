@@ -1,0 +1,87 @@
+"""Neuron-aware sparse FFN: the C kernel (built once with the system compiler, called through ctypes,
+which releases the GIL) and the PyTorch formulation it must equal."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from runtime.registry import cache_dir
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("sparse_ffn.c")
+ACT_CODES = {"silu": 0, "relu": 1, "gelu": 2, "gelu_pytorch_tanh": 3}
+_lib: ctypes.CDLL | None | bool = None          # None: not tried yet; False: unavailable
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib
+    if _lib is None:
+        src = _SOURCE.read_bytes()
+        tag = hashlib.sha256(src + platform.machine().encode() + platform.node().encode()).hexdigest()[:16]
+        out = cache_dir() / "kernels" / f"sparse_ffn-{tag}.so"
+        try:
+            if not out.exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_suffix(f".{os.getpid()}.tmp")
+                cc = os.environ.get("CC", "gcc")
+                subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(_SOURCE),
+                                "-o", str(tmp), "-lm"], check=True, capture_output=True, timeout=120)
+                os.replace(tmp, out)
+            lib = ctypes.CDLL(str(out))
+            lib.pinfer_sparse_ffn.restype = ctypes.c_int
+            lib.pinfer_sparse_ffn.argtypes = [
+                ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+            _lib = lib
+        except (OSError, subprocess.SubprocessError) as e:
+            logger.warning("sparse FFN kernel unavailable (%s); using the PyTorch formulation", e)
+            _lib = False
+    return _lib or None
+
+
+def kernel_available() -> bool:
+    return _load() is not None
+
+
+def sparse_ffn_reference(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, act: str,
+                         gate_act: torch.Tensor | None = None) -> torch.Tensor:
+    """PyTorch formulation: x [N, d], w [n, 3|2, d] (gate, up, down | up, down), idx [k] -> y [N, d]."""
+    from runtime.model import ACTIVATIONS
+
+    rows = w.index_select(0, idx)                                   # [k, 3|2, d]
+    up = x @ rows[:, -2].t()                                        # [N, k]
+    if gate_act is not None:
+        a = gate_act.index_select(1, idx) * up
+    elif w.shape[1] == 3:
+        a = ACTIVATIONS[act](x @ rows[:, 0].t()) * up
+    else:
+        a = ACTIVATIONS[act](up)
+    return a @ rows[:, -1]                                          # [N, k] @ [k, d]
+
+
+def sparse_ffn(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, act: str, num_threads: int = 1,
+               gate_act: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of a_j(x) * down_j over neurons ``idx`` of ``w``, reading only those neurons' rows."""
+    lib = _load()
+    if (lib is None or x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu"
+            or w.device.type != "cpu"):
+        y = sparse_ffn_reference(x, w, idx, act, gate_act)
+        return out.copy_(y) if out is not None else y
+    x = x.contiguous()
+    idx = idx.to(torch.int64).contiguous()
+    y = out if out is not None else torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
+    g = None if gate_act is None else gate_act.contiguous()
+    rc = lib.pinfer_sparse_ffn(x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(), w.shape[1], idx.data_ptr(),
+                               idx.numel(), None if g is None else g.data_ptr(), 0 if g is None else g.stride(0),
+                               ACT_CODES[act], y.data_ptr(), num_threads)
+    if rc != 0:
+        raise MemoryError("sparse FFN kernel could not allocate its per-thread buffers")
+    return y
