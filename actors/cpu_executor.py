@@ -64,9 +64,9 @@ class CPUExecutor:
                 try:
                     xs = x[:n] if self.dtype == torch.float32 else x[:n].to(self.dtype)
                     if self.dtype == torch.float32:
-                        self.shard.partial(layer, xs, out=y[:n], mask=mask)
+                        self.shard.partial(layer, xs, out=y[:n], mask=None if mask is None else mask[:n])
                     else:
-                        y[:n].copy_(self.shard.partial(layer, xs, mask=mask))
+                        y[:n].copy_(self.shard.partial(layer, xs, mask=None if mask is None else mask[:n]))
                 except Exception as e:                  # answer, never hang the scheduler
                     logger.exception("cold FFN failed on layer %d", layer)
                     status, error = STATUS_ERROR, f"{type(e).__name__}: {e}"

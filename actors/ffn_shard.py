@@ -5,7 +5,7 @@ Modes (the same on both executors):
 - ``gate`` (CATS): the gate of every neuron is computed; up/down rows only where |act(gate)| > tau_gate.
 - ``predictor`` (PowerInfer): gate/up/down rows only of the neurons the predictor's mask selects.
 Sparse modes keep the weights neuron-major (one neuron = consecutive rows) for the sparse kernel; a
-batch computes the union of its rows' masks.
+batch reads the union of its rows' neurons once, and each row keeps only its own active neurons.
 """
 from __future__ import annotations
 
@@ -73,21 +73,25 @@ class FFNShard:
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """sum over this shard's needed neurons j of a_j(x) * down_j; x [N, d] -> [N, d] (into ``out``).
 
-        ``mask`` [n_ff] bool (global neuron ids) selects neurons in predictor mode.
+        ``mask`` [N, n_ff] bool (per row, global neuron ids) selects neurons in predictor mode.
         """
         n_local = self.num_neurons(layer)
         self.num_offered += n_local
         if self.mode == "dense":
-            self.num_computed += n_local
+            self.num_offered += n_local * (x.shape[0] - 1)
+            self.num_computed += n_local * x.shape[0]
             a = ffn_activations(x, self.w["gate_up_t"][layer], self.act)                  # [N, n]
             return torch.matmul(a, self.w["down_t"][layer], out=out)                       # [N, n] @ [n, d]
+        self.num_offered += n_local * (x.shape[0] - 1)
         gate_act = None
         if self.mode == "gate":
             gate_act = self.act(x @ self.w["gate_t"][layer])                               # [N, n]
-            idx = (gate_act.abs() > self.tau_gate[layer]).any(0).nonzero().squeeze(1)
+            local = gate_act.abs() > self.tau_gate[layer]                                  # [N, n]
         else:
             if mask is None:
                 raise ValueError("predictor mode needs the predictor's mask")
-            idx = mask[self.neurons[layer]].nonzero().squeeze(1)
-        self.num_computed += idx.numel()
-        return sparse_ffn(x, self.w["rows"][layer], idx, self.act_name, self.num_threads, gate_act, out)
+            local = mask[:, self.neurons[layer]]                                           # [N, n]
+        idx = local.any(0).nonzero().squeeze(1)
+        self.num_computed += int(local.sum())
+        return sparse_ffn(x, self.w["rows"][layer], idx, self.act_name, self.num_threads, gate_act, out,
+                          row_mask=local if x.shape[0] > 1 else None)

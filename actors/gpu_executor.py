@@ -78,10 +78,10 @@ class GPUExecutor:
         d = self.cfg.hidden_size
         self.max_rows = max_rows
         self.arena = SharedArena([BufferSpec("x", (max_rows, d), "float32"), BufferSpec("y_cold", (max_rows, d), "float32"),
-                                  BufferSpec("mask", (self.cfg.intermediate_size,), "bool")])
+                                  BufferSpec("mask", (max_rows, self.cfg.intermediate_size), "bool")])
         self._x = torch.from_numpy(self.arena["x"])              # [max_rows, d] shared with the CPU executor
         self._y_cold = torch.from_numpy(self.arena["y_cold"])
-        self._mask = torch.from_numpy(self.arena["mask"])        # [n_ff] the predictor's output, broadcast
+        self._mask = torch.from_numpy(self.arena["mask"])        # [max_rows, n_ff] the predictor's output, broadcast
         if self.device.type == "cuda":                          # pin the arena so H2D/D2H copies are DMA
             for t in (self._x, self._y_cold):
                 torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
@@ -168,11 +168,11 @@ class GPUExecutor:
         if h.shape[0] > self.max_rows:                           # long prefills go through in chunks
             return torch.cat([self.ffn(layer, chunk) for chunk in h.split(self.max_rows)])
         n = h.shape[0]
-        mask = None if self.mask_fn is None else self.mask_fn(layer, h)         # [n_ff] bool
+        mask = None if self.mask_fn is None else self.mask_fn(layer, h)         # [N, n_ff] bool
         if self.has_cold[layer]:
             self._x[:n].copy_(h)                                 # into shared memory (D2H on CUDA)
             if mask is not None:
-                self._mask.copy_(mask)                           # written once, read by the CPU executor
+                self._mask[:n].copy_(mask)                       # written once, read by the CPU executor
         result: list[torch.Tensor] = []
 
         def hot() -> None:

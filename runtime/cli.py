@@ -1,4 +1,4 @@
-"""The ``pinfer`` command line: generate, serve, stop, convert, models, download."""
+"""The ``pinfer`` command line: generate, serve/stop, the offline sparsity pipeline, convert, models, download."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,9 @@ def _add_model_args(p: argparse.ArgumentParser, local: bool = True) -> None:
     g.add_argument("--hot-fraction", type=float, default=None,
                    help="share of each layer's FFN neurons on the GPU executor (default: configs/engine.yaml)")
     g.add_argument("--memory-budget-mb", type=float, default=None, help="GPU executor memory budget")
+    g.add_argument("--sparsity", default="dense", choices=["dense", "gate", "predictor"],
+                   help="which FFN neurons to compute (gate/predictor need `pinfer prepare`)")
+    g.add_argument("--activation-sparsity", type=float, default=0.0, help="target share of inactive neurons")
     g.add_argument("--address", default=None,
                    help="Ray cluster to use ('auto': the local `ray start` one); default: a running local "
                         "cluster, else an embedded one")
@@ -49,13 +52,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.local:
         if args.trace:
             raise ValueError("--trace needs the hybrid runtime (drop --local)")
-        llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads)
+        llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, sparsity=args.sparsity,
+                  activation_sparsity=args.activation_sparsity)
     else:
         from runtime.engine_config import EngineConfig
 
         llm = LLM(args.model, hot_fraction=args.hot_fraction if args.hot_fraction is not None
                   else EngineConfig.load().hot_fraction, address=args.address, dtype=args.dtype,
-                  memory_budget_bytes=_budget(args))
+                  memory_budget_bytes=_budget(args), sparsity=args.sparsity,
+                  activation_sparsity=args.activation_sparsity)
     load_s = time.perf_counter() - t0
     try:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat \
@@ -122,6 +127,113 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dense_model(args: argparse.Namespace):
+    """(model dir, fp32 dense model, tokenizer encode) for the offline steps."""
+    import os
+
+    import torch
+
+    from runtime.registry import default_model, resolve_model
+    from runtime.tokenizer import TextTokenizer
+    from runtime.weights import load_transformer
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    model_dir = resolve_model(args.model or default_model())
+    return model_dir, load_transformer(model_dir, torch.float32), TextTokenizer(model_dir).encode
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from runtime.sparsity.profile import profile
+
+    model_dir, model, encode = _dense_model(args)
+    print(f"wrote {profile(model, model_dir, encode, args.tokens, args.window)}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from runtime.registry import default_model, resolve_model
+    from runtime.sparsity import artifacts
+    from runtime.sparsity.profile import calibrate
+
+    model_dir = resolve_model(args.model or default_model())
+    for s in args.sparsity:
+        path = calibrate(model_dir, s)
+        arrays, _ = artifacts.load(model_dir, path.stem, "")
+        print(f"sparsity {s:.2f}: tau_act per layer {_fmt(arrays['tau_act'])}; wrote {path}")
+    return 0
+
+
+def _fmt(values) -> str:
+    return "[" + ", ".join(f"{v:.3g}" for v in values[:4]) + (", ...]" if len(values) > 4 else "]")
+
+
+def cmd_train_predictors(args: argparse.Namespace) -> int:
+    from runtime.sparsity.predictor import train_predictors
+
+    model_dir, model, encode = _dense_model(args)
+    for s in args.sparsity:
+        m = train_predictors(model, model_dir, encode, s, args.tokens, args.heldout_tokens, args.epochs, args.recall)
+        mean = m["mean"]
+        print(f"sparsity {s:.2f}: held-out mean recall {mean['recall']:.3f}, precision {mean['precision']:.3f}, "
+              f"predicted sparsity {mean['predicted_sparsity']:.3f} (calibrated {mean['true_sparsity']:.3f})")
+        for r in m["layers"]:
+            print(f"  layer {r['layer']:2d} h={r['hidden']:4d} recall {r['heldout_recall']:.3f} "
+                  f"precision {r['heldout_precision']:.3f} predicted sparsity {r['heldout_predicted_sparsity']:.3f}")
+    return 0
+
+
+def cmd_place(args: argparse.Namespace) -> int:
+    from runtime.config import ModelConfig
+    from runtime.registry import default_model, resolve_model
+    from runtime.sparsity import artifacts
+    from runtime.sparsity.modes import SparsityConfig
+    from scheduler.placement import place_ilp, place_topk
+
+    model_dir = resolve_model(args.model or default_model())
+    cfg = ModelConfig.load(model_dir)
+    freqs = SparsityConfig("gate", args.sparsity).frequencies(model_dir)
+    if freqs is None:
+        raise ValueError(f"no calibration at sparsity {args.sparsity}; run `pinfer calibrate --model {args.model} "
+                         f"--sparsity {args.sparsity}` first")
+    bytes_per_neuron = cfg.hidden_size * (3 if cfg.is_gated_ffn else 2) * 4
+    total = cfg.num_hidden_layers * cfg.intermediate_size
+    capacity = total if args.budget_mb is None else int(args.budget_mb * 2**20 // bytes_per_neuron)
+    splits = (place_topk(freqs, capacity, args.tau_hot) if args.method == "topk"
+              else place_ilp(freqs, capacity, args.min_per_layer, args.tau_hot))
+    hot = sum(len(s.hot) for s in splits)
+    covered = sum(float(f[s.hot].sum()) for f, s in zip(freqs, splits)) / max(sum(float(f.sum()) for f in freqs), 1e-12)
+    name = f"placement-{args.method}-{artifacts.sparsity_tag(args.sparsity)}"
+    path = artifacts.save(model_dir, name, {f"layer_{i}.hot": s.hot for i, s in enumerate(splits)},
+                          {"method": args.method, "budget_mb": args.budget_mb, "tau_hot": args.tau_hot,
+                           "min_per_layer": args.min_per_layer, "activation_sparsity": args.sparsity,
+                           "hot_neurons": hot, "hot_fraction": hot / total, "activation_coverage": covered,
+                           "per_layer": [len(s.hot) for s in splits]})
+    print(f"{args.method}: {hot} hot neurons ({hot / total:.1%} of {total}, {hot * bytes_per_neuron / 2**20:.0f} MiB "
+          f"fp32) cover {covered:.1%} of activations; per layer {[len(s.hot) for s in splits]}; wrote {path}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """profile (unless present) -> calibrate -> train-predictors, for each target sparsity."""
+    from runtime.sparsity import artifacts
+    from runtime.sparsity.predictor import train_predictors
+    from runtime.sparsity.profile import PROFILE, calibrate, profile
+
+    model_dir, model, encode = _dense_model(args)
+    try:
+        artifacts.load(model_dir, PROFILE, "")
+        print("profile: present")
+    except artifacts.MissingArtifactError:
+        print(f"profile: wrote {profile(model, model_dir, encode, args.tokens)}")
+    for s in args.sparsity:
+        calibrate(model_dir, s)
+        m = train_predictors(model, model_dir, encode, s, args.tokens, args.heldout_tokens, args.epochs, args.recall)
+        mean = m["mean"]
+        print(f"sparsity {s:.2f}: predictors held-out recall {mean['recall']:.3f}, predicted sparsity "
+              f"{mean['predicted_sparsity']:.3f}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from runtime.gguf_convert import convert_gguf
 
@@ -180,6 +292,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="engine actor name (default: configs/engine.yaml)")
     p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
     p.set_defaults(fn=cmd_stop)
+
+    def offline(name: str, help_: str, fn, sparsity: bool = True, model_only: bool = False) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, help=help_, description=help_ + " Results go beside the model in sparsity/.")
+        q.add_argument("--model", default=None, help="registry name or model directory (default: registry default)")
+        if not model_only:
+            q.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+        if sparsity:
+            q.add_argument("--sparsity", type=float, nargs="+", default=[0.5],
+                           help="target activation sparsity (share of neurons inactive), e.g. 0.3 0.5 0.7")
+        q.set_defaults(fn=fn)
+        return q
+
+    q = offline("profile", "Count per-neuron FFN activations over the calibration corpus (Python stdlib, held-out "
+                           "files excluded).", cmd_profile, sparsity=False)
+    q.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default 8192)")
+    q.add_argument("--window", type=int, default=256, help="tokens per forward window (default 256)")
+    offline("calibrate", "Choose per-layer activation thresholds tau_act for target sparsities.", cmd_calibrate,
+            model_only=True)
+    for name, fn, help_ in (("train-predictors", cmd_train_predictors, "Train per-layer activation predictors."),
+                            ("prepare", cmd_prepare, "Run profile, calibrate and train-predictors.")):
+        q = offline(name, help_, fn)
+        q.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default 8192)")
+        q.add_argument("--heldout-tokens", type=int, default=2048, help="held-out tokens for the report")
+        q.add_argument("--epochs", type=int, default=8)
+        q.add_argument("--recall", type=float, default=0.96, help="recall the default predictor threshold keeps")
+    q = sub.add_parser("place", help="choose the hot neurons for a GPU memory budget",
+                       description="Choose hot neurons from the calibrated activation frequencies: global top-k "
+                                   "or the ILP with a per-layer minimum. Results go beside the model in sparsity/.")
+    q.add_argument("--model", default=None)
+    q.add_argument("--sparsity", type=float, default=0.5, help="calibration whose frequencies to use")
+    q.add_argument("--budget-mb", type=float, default=None, help="GPU executor memory for hot neurons (fp32)")
+    q.add_argument("--tau-hot", type=float, default=None, help="only neurons active at least this often")
+    q.add_argument("--method", choices=["topk", "ilp"], default="topk")
+    q.add_argument("--min-per-layer", type=int, default=0, help="ILP: C_l, the fewest hot neurons of a used layer")
+    q.set_defaults(fn=cmd_place)
 
     p = sub.add_parser("convert", help="GGUF -> pinfer model directory",
                        description="Dequantize a GGUF file into config.json + model.safetensors + tokenizer.json.")

@@ -12,7 +12,7 @@ from runtime.model import KVCache, StepInput, Transformer
 from runtime.sparsity import artifacts
 from runtime.sparsity.profile import calibration_name
 
-MaskFn = Callable[[int, torch.Tensor], torch.Tensor]       # (layer, x [N, d]) -> active neurons [n_ff] bool
+MaskFn = Callable[[int, torch.Tensor], torch.Tensor]       # (layer, x [N, d]) -> active neurons [N, n_ff] bool
 
 
 @dataclass(frozen=True, slots=True)

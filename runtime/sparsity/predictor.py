@@ -43,8 +43,8 @@ class LayerPredictor:
         return torch.relu(x @ self.w1_t + self.b1) @ self.w2_t + self.b2            # [N, n_ff]
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
-        """Predicted active neurons [n_ff] (bool), the union over the rows of x [N, d]."""
-        return (self.logits(x) > self.tau).any(0)
+        """Predicted active neurons [N, n_ff] (bool) for x [N, d]."""
+        return self.logits(x) > self.tau
 
 
 def load_predictors(model_dir: Path, activation_sparsity: float, dtype: torch.dtype = torch.float32,

