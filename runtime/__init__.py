@@ -1,6 +1,12 @@
 """pinfer runtime: the public API (``LLM``, ``SamplingParams``) and the dense reference engine."""
-from runtime.outputs import RequestOutput
-from runtime.sampling import SamplingParams
+import os
+
+# pinfer's sparse FFN kernel runs OpenMP threads in torch's own pool; with the default active wait,
+# threads left spinning after each torch op take the cores from it (10x slower on 2 cores). Must be
+# set before torch starts its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from runtime.outputs import RequestOutput  # noqa: E402
+from runtime.sampling import SamplingParams  # noqa: E402
 
 
 def __getattr__(name: str):

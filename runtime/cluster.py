@@ -18,6 +18,7 @@ RAY_ENV = {
     "RAY_AUTH_MODE": "disabled",                   # one auth mode everywhere: embedded init would enable tokens
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",      # keep Ray's ports on loopback
     "RAY_USAGE_STATS_ENABLED": "0",
+    "OMP_WAIT_POLICY": "PASSIVE",                  # see runtime/__init__.py: spinning OpenMP threads starve the kernel
 }
 
 

@@ -44,8 +44,8 @@ class DenseRunner:
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, num_slots, max_len, self.model.embed.dtype)
 
-    def forward(self, tokens: torch.Tensor, step: StepInput, cache: KVCache) -> torch.Tensor:
-        return self.model(tokens, step, cache)
+    def forward(self, tokens: torch.Tensor, step: StepInput, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        return self.model(tokens, step, cache, all_logits=all_logits)
 
 
 @dataclass(slots=True)
@@ -108,6 +108,11 @@ class Engine:
         ids = self.make_sequence(prompt, SamplingParams(max_tokens=1)).prompt_ids
         cache = self.runner.new_cache(1, len(ids))
         return self.runner.forward(torch.tensor([ids]), StepInput.build([0], len(ids), [0]), cache)[0]
+
+    def token_logits(self, ids: list[int]) -> torch.Tensor:
+        """fp32 logits [T, V] at every position of ``ids`` (teacher forcing; for perplexity and agreement)."""
+        cache = self.runner.new_cache(1, len(ids))
+        return self.runner.forward(torch.tensor([ids]), StepInput.build([0], len(ids), [0]), cache, all_logits=True)[0]
 
     def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[RequestOutput]:
         seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, params, strict=True)]

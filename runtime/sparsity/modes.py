@@ -68,5 +68,5 @@ class SparseRunner:
         mask = None if self.mask_fn is None else self.mask_fn(layer, h)
         return self.shard.partial(layer, h, mask=mask)
 
-    def forward(self, tokens: torch.Tensor, step: StepInput, cache: KVCache) -> torch.Tensor:
-        return self.model(tokens, step, cache, ffn=self.ffn)
+    def forward(self, tokens: torch.Tensor, step: StepInput, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        return self.model(tokens, step, cache, ffn=self.ffn, all_logits=all_logits)
