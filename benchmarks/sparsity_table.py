@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import os
 import statistics
 import sys
@@ -70,8 +71,9 @@ def main() -> None:
     for mode, s in tqdm(points, desc="sparsity points", unit="point"):
         try:
             llm = dense if mode == "dense" else LLM(args.model, num_threads=threads, sparsity=mode, activation_sparsity=s)
-        except artifacts.MissingArtifactError as e:
-            rows.append({"mode": mode, "target": s, "missing": str(e)})
+        except artifacts.MissingArtifactError:
+            rows.append({"mode": mode, "target": s,
+                         "missing": f"no {mode} results at this sparsity (`pinfer prepare --sparsity {s}`)"})
             continue
         ppl, agree = quality(llm)
         shard = getattr(llm._engine.runner, "shard", None)
@@ -111,7 +113,8 @@ def write_report(args, rows: list[dict], dense_ppl: float, threads: int) -> None
     import matplotlib.pyplot as plt
 
     RESULTS.mkdir(exist_ok=True)
-    stem = f"sparsity_{args.model.replace('qwen2.5-coder-', 'qwen').replace('.', '').replace('-', '_')}"
+    short = {"qwen2.5-coder-0.5b": "qwen05", "qwen2.5-coder-1.5b": "qwen15"}
+    stem = "sparsity_" + short.get(args.model, re.sub(r"[^A-Za-z0-9]+", "_", args.model))
     md = Path(args.out) if args.out else RESULTS / f"{stem}.md"
     lines = [f"# Activation sparsity on {args.model} (fp32, {threads} threads, in-process engine)", "",
              "Held-out perplexity over Python-stdlib files never used for calibration; agreement = top-1 "
