@@ -39,7 +39,7 @@ class HybridEngine:
         self.gpu_threads = gpu_threads or 1
         self.cpu_threads = cpu_threads or max(1, cores - (1 if on_gpu else self.gpu_threads))
         self.dtype = dtype
-        env = {"runtime_env": {"env_vars": {k: v for k, v in RAY_ENV.items()}}}
+        env = {"runtime_env": {"env_vars": dict(RAY_ENV)}}
         from actors.cpu_executor import CPUExecutor
         from actors.gpu_executor import GPUExecutor
 

@@ -44,7 +44,6 @@ def _hf_greedy(name: str) -> dict:
     _, hf = hf_from_gguf(name)
     cfg = copy.deepcopy(hf.generation_config)
     cfg.eos_token_id, cfg.pad_token_id, cfg.do_sample = -1, 0, False
-    tok = LLM.__new__(LLM)          # tokenizer only
     from runtime.registry import resolve_model
     from runtime.tokenizer import TextTokenizer
 
