@@ -6,8 +6,8 @@ into the arena's ``y_cold`` rows and answers with the layer's start/end times.
 from __future__ import annotations
 
 import logging
+import os
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +15,8 @@ import torch
 
 from actors.ffn_shard import FFNShard
 from runtime.llm import parse_dtype
-from scheduler.doorbell import DoorbellClosed, DoorbellListener
-from scheduler.layer_scheduler import OP_FFN, OP_PING, OP_STOP, STATUS_ERROR, STATUS_OK
+from scheduler.doorbell import DoorbellListener
+from scheduler.layer_scheduler import serve_cold
 from scheduler.shm import BufferSpec, SharedArena
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ class CPUExecutor:
         return self._listener.path
 
     def pid(self) -> int:
-        import os
         return os.getpid()
 
     def _serve(self) -> None:
@@ -50,30 +49,15 @@ class CPUExecutor:
         x = torch.from_numpy(self._arena["x"])
         y = torch.from_numpy(self._arena["y_cold"])
         mask = torch.from_numpy(self._arena["mask"]) if self.shard.mode == "predictor" else None
-        bell = self._listener.accept()
-        while True:
-            try:
-                op, seq, layer, n = bell.recv()
-            except DoorbellClosed:
-                break
-            if op == OP_STOP:
-                break
-            t0 = time.perf_counter_ns()
-            status, error = STATUS_OK, ""
-            if op == OP_FFN:
-                try:
-                    xs = x[:n] if self.dtype == torch.float32 else x[:n].to(self.dtype)
-                    if self.dtype == torch.float32:
-                        self.shard.partial(layer, xs, out=y[:n], mask=None if mask is None else mask[:n])
-                    else:
-                        y[:n].copy_(self.shard.partial(layer, xs, mask=None if mask is None else mask[:n]))
-                except Exception as e:                  # answer, never hang the scheduler
-                    logger.exception("cold FFN failed on layer %d", layer)
-                    status, error = STATUS_ERROR, f"{type(e).__name__}: {e}"
-            elif op != OP_PING:
-                status, error = STATUS_ERROR, f"unknown op {op}"
-            bell.send(seq, status, t0, time.perf_counter_ns(), error)
-        bell.close()
+
+        def cold_ffn(layer: int, n: int) -> None:
+            rows = None if mask is None else mask[:n]
+            if self.dtype == torch.float32:
+                self.shard.partial(layer, x[:n], out=y[:n], mask=rows)
+            else:
+                y[:n].copy_(self.shard.partial(layer, x[:n].to(self.dtype), mask=rows))
+
+        serve_cold(self._listener.accept(), cold_ffn)
 
     def shutdown(self) -> None:
         if self._listener is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -47,14 +46,14 @@ class _HybridRunner:
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, num_slots, max_len, self.x.dtype, self.x.device)
 
-    def forward(self, tokens: torch.Tensor, step: StepInput, cache: KVCache) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, step: StepInput, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         d = self.x.device
         if d.type != "cpu":
             tokens = tokens.to(d)
             step = StepInput(step.positions.to(d), step.slots.to(d),
                              step.rows if isinstance(step.rows, slice) else step.rows.to(d), step.ctx_len,
                              None if step.mask is None else step.mask.to(d), step.is_causal)
-        return self.x.model(tokens, step, cache, ffn=self.x.ffn).cpu()
+        return self.x.model(tokens, step, cache, ffn=self.x.ffn, all_logits=all_logits).cpu()
 
 
 class GPUExecutor:

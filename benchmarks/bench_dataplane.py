@@ -33,8 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import quiet_logs  # noqa: E402
 
-from scheduler.doorbell import Doorbell, DoorbellClosed, DoorbellListener  # noqa: E402
-from scheduler.layer_scheduler import OP_FFN, OP_PING, OP_STOP, STATUS_ERROR, STATUS_OK, LayerScheduler  # noqa: E402
+from scheduler.doorbell import Doorbell, DoorbellListener  # noqa: E402
+from scheduler.layer_scheduler import LayerScheduler, serve_cold  # noqa: E402
 from scheduler.shm import BufferSpec, SharedArena  # noqa: E402
 
 N_LAYERS = 24                    # qwen2.5-coder-0.5b
@@ -49,7 +49,7 @@ class Echo:
 
 
 class EchoColdPeer:
-    """The CPU-executor role of mechanism 3: answers every OP_FFN like CPUExecutor._serve, no work."""
+    """The CPU-executor role of mechanism 3: answers every FFN message through serve_cold, as CPUExecutor does, with no work."""
 
     def attach(self, arena_name: str, specs: list[BufferSpec]) -> str:
         self._arena = SharedArena(specs, name=arena_name)
@@ -59,18 +59,7 @@ class EchoColdPeer:
         return self._listener.path
 
     def _serve(self) -> None:
-        bell = self._listener.accept()
-        while True:
-            try:
-                op, seq, layer, n = bell.recv()
-            except DoorbellClosed:
-                break
-            if op == OP_STOP:
-                break
-            t0 = time.perf_counter_ns()
-            status, error = (STATUS_OK, "") if op in (OP_FFN, OP_PING) else (STATUS_ERROR, f"unknown op {op}")
-            bell.send(seq, status, t0, time.perf_counter_ns(), error)
-        bell.close()
+        serve_cold(self._listener.accept(), lambda layer, n: None)
 
     def shutdown(self) -> None:
         self._listener.close()

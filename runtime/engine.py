@@ -29,8 +29,8 @@ class Runner(Protocol):
 
     def new_cache(self, num_slots: int, max_len: int) -> Any: ...
 
-    def forward(self, tokens: torch.Tensor, step: StepInput, cache: Any) -> torch.Tensor:
-        """tokens [B, T] -> fp32 logits [B, V] of each row's last position."""
+    def forward(self, tokens: torch.Tensor, step: StepInput, cache: Any, all_logits: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> fp32 logits [B, V] of each row's last position ([B, T, V] with ``all_logits``)."""
         ...
 
 

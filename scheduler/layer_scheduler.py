@@ -5,11 +5,14 @@ It runs in the GPU executor's process so a layer costs one cross-process round t
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from scheduler.doorbell import Doorbell, DoorbellClosed
+
+logger = logging.getLogger(__name__)
 
 # Messages: request [op, seq, layer, n_rows]; reply [seq, status, start_ns, end_ns, error].
 OP_STOP, OP_FFN, OP_PING = 0, 1, 2
@@ -82,3 +85,28 @@ class LayerScheduler:
         except DoorbellClosed:
             pass
         self.cold.close()
+
+
+def serve_cold(bell: Doorbell, work: Callable[[int, int], None]) -> None:
+    """The cold executor's side of the protocol: run ``work(layer, n_rows)`` per FFN message and answer
+    each message with its timing; a failure is answered (the scheduler must never hang), STOP or a
+    closed socket ends the loop."""
+    while True:
+        try:
+            op, seq, layer, n = bell.recv()
+        except DoorbellClosed:
+            break
+        if op == OP_STOP:
+            break
+        t0 = time.perf_counter_ns()
+        status, error = STATUS_OK, ""
+        if op == OP_FFN:
+            try:
+                work(layer, n)
+            except Exception as e:
+                logger.exception("cold FFN failed on layer %d", layer)
+                status, error = STATUS_ERROR, f"{type(e).__name__}: {e}"
+        elif op != OP_PING:
+            status, error = STATUS_ERROR, f"unknown op {op}"
+        bell.send(seq, status, t0, time.perf_counter_ns(), error)
+    bell.close()
