@@ -8,6 +8,8 @@ read from the arena without a copy (the arena is registered as pinned host memor
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from runtime.llm import parse_dtype
 from runtime.model import KVCache, StepInput, Transformer
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
+from runtime.streams import StreamChunk
 from runtime.sparsity.modes import SparsityConfig
 from runtime.tokenizer import TextTokenizer
 from runtime.weights import load_transformer
@@ -30,6 +33,14 @@ from scheduler.placement import LayerSplit
 from scheduler.shm import BufferSpec, SharedArena
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _cold_errors_as_dead() -> Iterator[None]:
+    try:
+        yield
+    except ColdExecutorError as e:
+        raise EngineDeadError(f"CPU executor failed mid-request: {e}") from e
 
 
 class BudgetError(ValueError):
@@ -85,7 +96,8 @@ class GPUExecutor:
             for t in (self._x, self._y_cold):
                 torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
         self.scheduler: LayerScheduler | None = None
-        self.engine = Engine(_HybridRunner(self), TextTokenizer(model_dir), self.max_model_len, max_batch_size)
+        self.engine = Engine(_HybridRunner(self), TextTokenizer(model_dir), self.max_model_len, max_batch_size,
+                             ready=lambda: self.scheduler is not None, on_error=self._on_engine_error)
         logger.info("GPU executor on %s: %.1f MB resident (%d hot neurons of %d per layer on average)",
                     self.device, self.resident_bytes() / 1e6, int(np.mean([len(s.hot) for s in splits])),
                     self.cfg.intermediate_size)
@@ -98,8 +110,10 @@ class GPUExecutor:
         """Attach the CPU executor's doorbell (again, after a restart)."""
         if self.scheduler is not None:
             self.scheduler.cold.close()
-        self.scheduler = LayerScheduler(Doorbell.connect(doorbell_path), timeout_s)
-        self.scheduler.ping()
+        scheduler = LayerScheduler(Doorbell.connect(doorbell_path), timeout_s)
+        scheduler.ping()
+        self.scheduler = scheduler
+        self.engine.wake()                 # requests that arrived while no CPU executor was attached
 
     def resident_bytes(self) -> int:
         params = sum(t.numel() * t.element_size() for t in self.model.parameters())
@@ -134,7 +148,14 @@ class GPUExecutor:
     def trace_events(self) -> list[LayerEvent]:
         return list(self._require_scheduler().events)
 
+    def _on_engine_error(self, error: BaseException) -> None:
+        """A failed step fails its running requests; a dead cold side also detaches until ``connect``."""
+        if isinstance(error, ColdExecutorError) and self.scheduler is not None:
+            self.scheduler.close()
+            self.scheduler = None
+
     def shutdown(self) -> None:
+        self.engine.shutdown()
         if self.scheduler is not None:
             self.scheduler.close()
             self.scheduler = None
@@ -146,20 +167,23 @@ class GPUExecutor:
             raise EngineDeadError("GPU executor has no CPU executor connected")
         return self.scheduler
 
-    # ---- requests ------------------------------------------------------------------------------
+    # ---- requests (many at once: this is a threaded actor; the engine thread batches them) -------
     def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[RequestOutput]:
-        self._require_scheduler()
-        try:
+        with _cold_errors_as_dead():
             return self.engine.generate(prompts, params)
-        except ColdExecutorError as e:
-            raise EngineDeadError(f"CPU executor failed mid-request: {e}") from e
+
+    def stream(self, prompt: str, params: SamplingParams) -> Iterator[StreamChunk]:
+        """Ray streaming generator: one chunk of new text per object, as tokens arrive."""
+        with _cold_errors_as_dead():
+            yield from self.engine.stream(prompt, params)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
 
     def prompt_logits(self, prompt: str) -> torch.Tensor:
         self._require_scheduler()
-        try:
+        with _cold_errors_as_dead():
             return self.engine.prompt_logits(prompt)
-        except ColdExecutorError as e:
-            raise EngineDeadError(f"CPU executor failed mid-request: {e}") from e
 
     # ---- data plane: one FFN layer, hot here and cold there at once ----------------------------
     def ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:

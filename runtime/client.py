@@ -1,9 +1,25 @@
-"""Client of an engine started by ``pinfer serve``: ``connect().generate(...)`` like ``LLM.generate``."""
+"""Client of an engine started by ``pinfer serve``: ``connect().generate(...)`` like ``LLM.generate``, plus
+``agenerate`` (asyncio) and ``stream`` (text as tokens arrive)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from runtime.errors import EngineDeadError
+from runtime.llm import expand_params
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
+from runtime.streams import StreamChunk
+
+
+@contextmanager
+def _engine_gone(name: str) -> Iterator[None]:
+    from ray.exceptions import RayActorError
+
+    try:
+        yield
+    except RayActorError as e:
+        raise EngineDeadError(f"engine {name!r} is gone: {e}") from None
 
 
 class Client:
@@ -13,21 +29,41 @@ class Client:
 
     def generate(self, prompts: str | list[str],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Same signature and result as ``LLM.generate``."""
+        """Same signature and result as ``LLM.generate``; requests from all clients are batched together."""
         import ray
-        from ray.exceptions import RayActorError
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        params = params or SamplingParams()
-        plist = list(params) if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        try:
+        plist = expand_params(params, len(prompts))
+        with _engine_gone(self.name):
             return ray.get(self._actor.generate.remote(prompts, plist))
-        except RayActorError as e:
-            raise EngineDeadError(f"engine {self.name!r} is gone: {e}") from None
 
-    def info(self) -> dict[str, str]:
+    async def agenerate(self, prompt: str, params: SamplingParams | None = None) -> RequestOutput:
+        """One prompt, awaitable from an asyncio event loop."""
+        with _engine_gone(self.name):
+            return (await self._actor.generate.remote([prompt], [params or SamplingParams()]))[0]
+
+    def stream(self, prompt: str, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
+        """``StreamChunk``s as tokens arrive; the last has ``finished`` and the whole output. Leaving the
+        loop early cancels the request on the engine."""
+        import ray
+
+        request_id, finished = None, False
+        with _engine_gone(self.name):
+            try:
+                for ref in self._actor.stream.remote(prompt, params or SamplingParams()):
+                    chunk: StreamChunk = ray.get(ref)
+                    request_id, finished = chunk.request_id, chunk.finished
+                    yield chunk
+            finally:
+                if request_id is not None and not finished:
+                    self._actor.abort.remote(request_id)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        import ray
+
+        return ray.get(self._actor.apply_chat_template.remote(messages))
+
+    def info(self) -> dict[str, str | int]:
         import ray
 
         return ray.get(self._actor.info.remote())

@@ -1,27 +1,37 @@
-"""The generation loop: validate requests, prefill each, decode them together, stop each on its own terms.
+"""The generation loop: validate requests, batch them continuously, stop each on its own terms.
 
-The loop is the same for every runner; a runner owns the weights and the forward pass (the dense
-in-process model here, the hybrid GPU/CPU executors in the Ray runtime).
+Requests are submitted from any thread and run on one engine thread: between decoding steps waiting
+requests join free cache slots (prefilled one by one) and finished or cancelled ones leave, so one
+forward pass decodes every running sequence together. The loop is the same for every runner; a
+runner owns the weights and the forward pass (the dense in-process model here, the hybrid GPU/CPU
+executors in the Ray runtime).
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from runtime.config import ModelConfig
-from runtime.errors import InvalidRequestError
+from runtime.errors import EngineDeadError, InvalidRequestError
 from runtime.model import KVCache, StepInput, Transformer
 from runtime.outputs import RequestOutput
 from runtime.sampling import Sampler, SamplingParams
+from runtime.streams import RequestHandle, StreamChunk
 from runtime.tokenizer import IncrementalDetokenizer, TextTokenizer
+from scheduler.batching import BatchScheduler
 
 logger = logging.getLogger(__name__)
 _request_ids = itertools.count()
+T = TypeVar("T")
+CACHE_GROWTH = 64           # KV cache length grows in steps of this many positions
 
 
 class Runner(Protocol):
@@ -56,10 +66,15 @@ class Sequence:
     params: SamplingParams
     sampler: Sampler
     detok: IncrementalDetokenizer
-    slot: int = 0
+    handle: RequestHandle | None = None
+    slot: int = -1
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     text: str = ""
+    sent_chars: int = 0                     # text and tokens already streamed
+    sent_tokens: int = 0
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -77,16 +92,26 @@ class Sequence:
 
 
 class Engine:
-    """Validates and runs batches of requests through a runner."""
+    """Validates requests and serves them, continuously batched, on its own thread."""
 
     def __init__(self, runner: Runner, tokenizer: TextTokenizer, max_model_len: int | None = None,
-                 max_batch_size: int = 16) -> None:
+                 max_batch_size: int = 16, ready: Callable[[], bool] = lambda: True,
+                 on_error: Callable[[BaseException], None] = lambda e: None) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.max_model_len = min(max_model_len or runner.cfg.max_position_embeddings, runner.cfg.max_position_embeddings)
         self.max_batch_size = max_batch_size
         self.eos_ids = frozenset(i for i in [*runner.cfg.eos_token_ids, tokenizer.eos_id] if i is not None)
+        self.batch: BatchScheduler[Sequence] = BatchScheduler(max_batch_size)
+        self.cache: Any = None
+        self._ready, self._on_error = ready, on_error        # e.g. "a CPU executor is connected"
+        self._cv = threading.Condition()
+        self._inbox: list[tuple[str, Any]] = []
+        self._thread: threading.Thread | None = None
+        self._threads = torch.get_num_threads()
+        self._closed = False
 
+    # ---- requests (any thread) -----------------------------------------------------------------
     def make_sequence(self, prompt: str, params: SamplingParams) -> Sequence:
         """Tokenize and check one request; raises InvalidRequestError before any work is done."""
         if not isinstance(params, SamplingParams):
@@ -103,44 +128,154 @@ class Engine:
         return Sequence(f"req-{next(_request_ids)}", prompt, ids, params, Sampler(params),
                         IncrementalDetokenizer(self.tokenizer))
 
+    def submit(self, prompt: str, params: SamplingParams, stream: bool = False) -> RequestHandle:
+        """Queue one request; it joins the running batch at the next step."""
+        return self._submit(self.make_sequence(prompt, params), stream)
+
+    def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[RequestOutput]:
+        """Complete every prompt (all are validated before any starts); outputs in input order."""
+        seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        handles = [self._submit(s, stream=False) for s in seqs]
+        try:
+            return [h.result() for h in handles]
+        finally:
+            for h in handles:                 # on an error (or an interrupt), stop the rest as well
+                h.cancel()
+
+    def stream(self, prompt: str, params: SamplingParams) -> Iterator[StreamChunk]:
+        """Chunks of new text as tokens arrive; closing the iterator early cancels the request."""
+        return iter(self.submit(prompt, params, stream=True))
+
+    def abort(self, request_id: str) -> None:
+        self._post("abort", request_id)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine thread between two steps (the model is not shared across threads)."""
+        future: Future[T] = Future()
+        self._post("call", (fn, future))
+        return future.result()
+
     def prompt_logits(self, prompt: str) -> torch.Tensor:
         """fp32 next-token logits [V] after ``prompt`` (one prefill in a fresh cache)."""
         ids = self.make_sequence(prompt, SamplingParams(max_tokens=1)).prompt_ids
-        cache = self.runner.new_cache(1, len(ids))
-        return self.runner.forward(torch.tensor([ids]), StepInput.build([0], len(ids), [0]), cache)[0]
+        return self.call(lambda: self._forward_alone(ids, all_logits=False))
 
     def token_logits(self, ids: list[int]) -> torch.Tensor:
         """fp32 logits [T, V] at every position of ``ids`` (teacher forcing; for perplexity and agreement)."""
-        cache = self.runner.new_cache(1, len(ids))
-        return self.runner.forward(torch.tensor([ids]), StepInput.build([0], len(ids), [0]), cache, all_logits=True)[0]
+        return self.call(lambda: self._forward_alone(ids, all_logits=True))
 
-    def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[RequestOutput]:
-        seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, params, strict=True)]
-        for i in range(0, len(seqs), self.max_batch_size):
-            self._run_batch(seqs[i:i + self.max_batch_size])
-        return [s.to_output() for s in seqs]
+    def wake(self) -> None:
+        """Re-check ``ready`` (e.g. after a CPU executor was reconnected)."""
+        with self._cv:
+            self._cv.notify()
 
-    def _run_batch(self, seqs: list[Sequence]) -> None:
-        max_len = max(len(s.prompt_ids) + s.params.max_tokens for s in seqs)
-        cache = self.runner.new_cache(len(seqs), max_len)
-        for slot, s in enumerate(seqs):
-            s.slot = slot
+    def shutdown(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    def _submit(self, seq: Sequence, stream: bool) -> RequestHandle:
+        seq.handle = RequestHandle(seq.request_id, self.abort, stream)
+        self._post("add", seq)
+        return seq.handle
+
+    def _post(self, kind: str, item: Any) -> None:
+        with self._cv:
+            if self._closed:
+                raise EngineDeadError("the engine was shut down")
+            self._inbox.append((kind, item))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="pinfer-engine", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_num_threads(self._threads)            # intra-op threads are per calling thread
+        while True:
+            with self._cv:
+                while not self._closed and not self._inbox and not (self.batch and self._ready()):
+                    self._cv.wait()
+                if self._closed:
+                    break
+                inbox, self._inbox = self._inbox, []
+            for kind, item in inbox:
+                self._handle(kind, item)
+            if self.batch and self._ready():
+                try:
+                    self.step()
+                except Exception as e:                   # fail what was running; waiting requests stay
+                    logger.warning("engine step failed: %s", e)
+                    for s in list(self.batch.running):
+                        self.batch.finish(s)
+                        s.handle.fail(e)
+                    self._on_error(e)
+        dead = EngineDeadError("the engine was shut down")
+        for s in self.batch.drain():
+            s.handle.fail(dead)
+        for kind, item in self._inbox:
+            if kind == "add":
+                item.handle.fail(dead)
+            elif kind == "call":
+                item[1].set_exception(dead)
+        self.cache = None
+
+    def _handle(self, kind: str, item: Any) -> None:
+        if kind == "add":
+            self.batch.add(item)
+        elif kind == "abort":
+            seq = self.batch.remove(item)
+            if seq is not None:
+                seq.finish_reason = "abort"
+                self._emit(seq)
+        else:
+            fn, future = item
+            try:
+                future.set_result(fn())
+            except Exception as e:
+                future.set_exception(e)
+
+    def step(self) -> None:
+        """Admit waiting requests (prefill each), then decode one token for every running sequence."""
+        for s in self.batch.admit():
             t0 = time.perf_counter()
-            tokens = torch.tensor([s.prompt_ids])
-            logits = self.runner.forward(tokens, StepInput.build([0], len(s.prompt_ids), [slot]), cache)
+            s.metrics["queue_s"] = t0 - s.arrival
+            self._reserve(len(s.prompt_ids) + s.params.max_tokens)
+            tokens = torch.tensor([s.prompt_ids])                                            # [1, T]
+            logits = self.runner.forward(tokens, StepInput.build([0], len(s.prompt_ids), [s.slot]), self.cache)
+            s.first_token = time.perf_counter()
+            s.metrics["prefill_s"] = s.first_token - t0
             self._append(s, s.sampler(logits[0]))
-            s.metrics["prefill_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        active = [s for s in seqs if s.finish_reason is None]
-        while active:
-            tokens = torch.tensor([[s.output_ids[-1]] for s in active])                      # [B, 1]
-            step = StepInput.build([s.next_position for s in active], 1, [s.slot for s in active])
-            logits = self.runner.forward(tokens, step, cache)                                  # [B, V]
-            for row, s in enumerate(active):
+            self._emit(s)
+        running = [s for s in self.batch.running if s.finish_reason is None]
+        if running:
+            tokens = torch.tensor([[s.output_ids[-1]] for s in running])                    # [B, 1]
+            step = StepInput.build([s.next_position for s in running], 1, [s.slot for s in running])
+            logits = self.runner.forward(tokens, step, self.cache)                            # [B, V]
+            for row, s in enumerate(running):
                 self._append(s, s.sampler(logits[row]))
-            active = [s for s in active if s.finish_reason is None]
-        for s in seqs:
-            s.metrics["decode_s"] = time.perf_counter() - t0
+                self._emit(s)
+        for s in [s for s in self.batch.running if s.finish_reason is not None]:
+            self.batch.finish(s)
+
+    def _reserve(self, length: int) -> None:
+        """Make the KV cache hold ``length`` positions in every slot (grown, never shrunk, while busy)."""
+        if self.cache is not None and self.cache.max_len >= length:
+            return
+        new_len = min(self.max_model_len, -(-length // CACHE_GROWTH) * CACHE_GROWTH)
+        new = self.runner.new_cache(self.max_batch_size, new_len)
+        if self.cache is not None:
+            old = self.cache.max_len
+            new.k[:, :, :, :old].copy_(self.cache.k)
+            new.v[:, :, :, :old].copy_(self.cache.v)
+        self.cache = new
+
+    def _forward_alone(self, ids: list[int], all_logits: bool) -> torch.Tensor:
+        cache = self.runner.new_cache(1, len(ids))
+        out = self.runner.forward(torch.tensor([ids]), StepInput.build([0], len(ids), [0]), cache, all_logits=all_logits)
+        return out[0]
 
     def _append(self, s: Sequence, token: int) -> None:
         """Record one sampled token and decide whether the sequence is done."""
@@ -162,3 +297,21 @@ class Engine:
                 return
         if len(s.output_ids) >= p.max_tokens:
             s.finish_reason = "length"
+
+    def _emit(self, s: Sequence) -> None:
+        """Hand new text to a streaming handle; complete the handle when the sequence is done."""
+        done = s.finish_reason is not None
+        if done:
+            now = time.perf_counter()
+            s.metrics["decode_s"] = now - s.first_token if s.first_token else 0.0
+            s.metrics["total_s"] = now - s.arrival
+        if not (s.handle.streaming or done):
+            return
+        hold = 0 if done or not s.params.stop else max(map(len, s.params.stop)) - 1
+        visible = len(s.text) - hold
+        text = s.text[s.sent_chars:visible] if visible > s.sent_chars else ""
+        tokens = s.output_ids[s.sent_tokens:]
+        if text or tokens or done:
+            s.sent_chars += len(text)
+            s.sent_tokens += len(tokens)
+            s.handle.push(StreamChunk(s.request_id, text, list(tokens), done, s.to_output() if done else None))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from runtime.cluster import RAY_ENV, cluster_has_gpu, ensure_ray
@@ -13,10 +16,12 @@ from runtime.errors import EngineDeadError
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
 from runtime.sparsity.modes import SparsityConfig
+from runtime.streams import StreamChunk
 from scheduler.layer_scheduler import LayerEvent
 from scheduler.placement import LayerSplit, split_by_fraction
 
 logger = logging.getLogger(__name__)
+MAX_CALLERS = 256            # concurrent requests an executor actor (and the engine service) accepts
 
 
 class HybridEngine:
@@ -43,11 +48,14 @@ class HybridEngine:
         from actors.cpu_executor import CPUExecutor
         from actors.gpu_executor import GPUExecutor
 
-        self._gpu_cls = ray.remote(num_cpus=0, num_gpus=1 if on_gpu else 0, **env)(GPUExecutor)
+        # Threaded: many callers wait on it at once while its engine thread batches their requests.
+        self._gpu_cls = ray.remote(num_cpus=0, num_gpus=1 if on_gpu else 0, max_concurrency=MAX_CALLERS,
+                                   **env)(GPUExecutor)
         self._cpu_cls = ray.remote(num_cpus=0, max_restarts=0, **env)(CPUExecutor)
         self.gpu = self._gpu_cls.remote(str(model_dir), self.splits, dtype, None, memory_budget_bytes,
                                         self.gpu_threads, max_batch_size, max_model_len, sparsity=sparsity)
         self.cpu = None
+        self._restart_lock = threading.Lock()
         try:
             ray.get(self.gpu.__ray_ready__.remote())
             self._start_cpu_executor()
@@ -68,21 +76,56 @@ class HybridEngine:
     def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[RequestOutput]:
         return self._call("generate", prompts, params)
 
+    async def agenerate(self, prompt: str, params: SamplingParams) -> RequestOutput:
+        with self._faults():
+            return (await self._gpu().generate.remote([prompt], [params]))[0]
+
+    def stream(self, prompt: str, params: SamplingParams) -> Iterator[StreamChunk]:
+        """Chunks as the GPU executor's engine produces them; closing early cancels the request."""
+        import ray
+
+        with self._faults():
+            gen = self._gpu().stream.remote(prompt, params)
+            request_id, finished = None, False
+            try:
+                for ref in gen:
+                    chunk: StreamChunk = ray.get(ref)
+                    request_id, finished = chunk.request_id, chunk.finished
+                    yield chunk
+            finally:
+                if request_id is not None and not finished and self.gpu is not None:
+                    self.gpu.abort.remote(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._gpu().abort.remote(request_id)
+
     def prompt_logits(self, prompt: str):
         return self._call("prompt_logits", prompt)
 
-    def _call(self, method: str, *args: object):
-        """One request through the GPU executor; executor deaths become EngineDeadError, never a hang."""
-        import ray
-        from ray.exceptions import RayActorError
-
+    def _gpu(self):
         if self.gpu is None:
             raise EngineDeadError("the engine was shut down")
+        return self.gpu
+
+    def _call(self, method: str, *args: object):
+        import ray
+
+        with self._faults():
+            return ray.get(getattr(self._gpu(), method).remote(*args))
+
+    @contextmanager
+    def _faults(self) -> Iterator[None]:
+        """Executor deaths become EngineDeadError, never a hang; a dead CPU executor is replaced once."""
+        from ray.exceptions import RayActorError
+
+        cpu = self.cpu
         try:
-            return ray.get(getattr(self.gpu, method).remote(*args))
+            yield
         except EngineDeadError as e:            # the CPU executor died: fail this request, heal for the next
-            logger.warning("CPU executor failed (%s); starting a new one", e)
-            self._restart_cpu_executor()
+            with self._restart_lock:
+                if self.cpu is cpu and self.gpu is not None:      # not yet replaced by a concurrent caller
+                    logger.warning("CPU executor failed (%s); starting a new one", e)
+                    self._restart_cpu_executor()
             raise EngineDeadError(f"request failed: {e}. A new CPU executor was started; retry the request.") from None
         except RayActorError as e:
             raise EngineDeadError(f"the GPU executor died: {e}") from None

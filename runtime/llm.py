@@ -1,24 +1,41 @@
 """The public entry point: ``LLM(model).generate(prompts, SamplingParams(...))``."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from runtime.config import ModelConfig
 from runtime.engine import DenseRunner, Engine
 from runtime.engine_config import EngineConfig
 from runtime.outputs import RequestOutput
 from runtime.registry import default_model, resolve_model
 from runtime.sampling import SamplingParams
 from runtime.sparsity.modes import SparseRunner, SparsityConfig
+from runtime.streams import StreamChunk
 from runtime.tokenizer import TextTokenizer
 from runtime.weights import load_transformer
+
+if TYPE_CHECKING:
+    from runtime.hybrid import HybridEngine
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def expand_params(params: SamplingParams | list[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt: a list as given (same length), else the one (or default) repeated."""
+    params = params or SamplingParams()
+    plist = list(params) if isinstance(params, list) else [params] * n
+    if len(plist) != n:
+        raise ValueError(f"{n} prompts but {len(plist)} sampling params")
+    return plist
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -51,7 +68,9 @@ class LLM:
         self.model_dir = resolve_model(self.model_name)
         self.dtype = parse_dtype(dtype or defaults.dtype)
         self.tokenizer = TextTokenizer(self.model_dir)
-        max_model_len = max_model_len or defaults.max_model_len
+        limit = ModelConfig.load(self.model_dir).max_position_embeddings
+        self.max_model_len: int = min(max_model_len or defaults.max_model_len or limit, limit)
+        max_model_len = self.max_model_len
         max_batch_size = max_batch_size or defaults.max_batch_size
         self.sparsity = SparsityConfig(sparsity, activation_sparsity)
         self.is_hybrid = hot_fraction is not None or address is not None
@@ -87,21 +106,35 @@ class LLM:
 
     def generate(self, prompts: str | list[str],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Complete each prompt; one output per prompt, in order."""
-        if self._engine is None:
-            raise RuntimeError("this LLM was shut down")
+        """Complete each prompt; one output per prompt, in order. Safe to call from many threads at once:
+        concurrent requests are batched together."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        params = params or SamplingParams()
-        plist = list(params) if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        return self._engine.generate(prompts, plist)
+        return self._live().generate(prompts, expand_params(params, len(prompts)))
+
+    async def agenerate(self, prompt: str, params: SamplingParams | None = None) -> RequestOutput:
+        """``generate`` for one prompt, awaitable; cancelling the awaiting task cancels the request."""
+        engine = self._live()
+        if self.is_hybrid:
+            return await engine.agenerate(prompt, params or SamplingParams())
+        return await asyncio.wrap_future(engine.submit(prompt, params or SamplingParams()).future)
+
+    def stream(self, prompt: str, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
+        """Yield ``StreamChunk``s (new text, new token ids) as tokens arrive; the last one has ``finished``
+        and the whole ``output``. Leaving the loop early cancels the request."""
+        return self._live().stream(prompt, params or SamplingParams())
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a running or waiting request by id (its result ends with finish_reason "abort")."""
+        self._live().abort(request_id)
 
     def prompt_logits(self, prompt: str) -> torch.Tensor:
         """fp32 next-token logits [V] after ``prompt``."""
+        return self._live().prompt_logits(prompt)
+
+    def _live(self) -> Engine | HybridEngine:
         if self._engine is None:
             raise RuntimeError("this LLM was shut down")
-        return self._engine.prompt_logits(prompt)
+        return self._engine
 
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
         """Answer one conversation (``[{"role": "user", "content": ...}, ...]``) through the chat template."""
@@ -109,7 +142,7 @@ class LLM:
 
     def shutdown(self) -> None:
         """Release the engine; on the hybrid runtime: shared memory, sockets, actors (and an embedded cluster)."""
-        if self.is_hybrid and self._engine is not None:
+        if self._engine is not None:
             self._engine.shutdown()
         self._engine = None
 

@@ -14,12 +14,25 @@ from runtime.cluster import RAY_ENV
 
 VENV_BIN = Path(sys.executable).parent
 CLIENT = """
-import json, sys
+import asyncio, json, sys
 from runtime import SamplingParams
 from runtime.client import connect
 client = connect("auto", name="pinfer-test-engine")
-outs = client.generate(sys.argv[1:], SamplingParams(max_tokens=8, temperature=0.0))
-print(json.dumps([o.token_ids for o in outs]))
+p, sp = sys.argv[1:], SamplingParams(max_tokens=12, temperature=0.0)
+
+def streamed(prompt):
+    chunks = list(client.stream(prompt, sp))
+    out = chunks[-1].output
+    assert chunks[-1].finished and "".join(c.text for c in chunks) == out.text
+    assert [t for c in chunks for t in c.token_ids] == out.token_ids
+    return out
+
+async def main():                      # all three kinds of call at once
+    return await asyncio.gather(asyncio.to_thread(client.generate, p[:2], sp), client.agenerate(p[2], sp),
+                                asyncio.to_thread(streamed, p[3]))
+
+gen, agen, stream = asyncio.run(main())
+print(json.dumps([o.token_ids for o in [*gen, agen, stream]]))
 """
 ATTACH = """
 import json
@@ -29,7 +42,9 @@ out = llm.generate(["def fib(n):"], SamplingParams(max_tokens=8, temperature=0.0
 llm.shutdown()
 print(json.dumps(out.token_ids))
 """
-PROMPTS = [["def fib(n):", "The capital of France is"], ["import os", "class Stack:"], ["# sort a list"]]
+PROMPTS = [["def fib(n):", "The capital of France is", "import os", "class Stack:"],
+           ["# sort a list", "for i in range(", "Hello, my name is", "SELECT * FROM"],
+           ["x = [1, 2, 3]\n", "The sky is", "def add(a, b):", "import numpy as np\n"]]
 
 
 def _free_port() -> int:
@@ -66,7 +81,7 @@ def test_llm_attaches_to_a_ray_start_cluster(ray_head: dict) -> None:
     assert json.loads(out.strip().splitlines()[-1]) == local.token_ids
 
 
-def test_serve_answers_several_client_processes_at_once(ray_head: dict) -> None:
+def test_serve_batches_three_client_processes_generate_agenerate_stream(ray_head: dict) -> None:
     from runtime import LLM, SamplingParams
 
     pinfer = [str(VENV_BIN / "pinfer")]
@@ -80,10 +95,10 @@ def test_serve_answers_several_client_processes_at_once(ray_head: dict) -> None:
             out, err = c.communicate(timeout=300)
             assert c.returncode == 0, err
             results.append(json.loads(out.strip().splitlines()[-1]))
-        local = LLM("smollm2-135m")
+        local = LLM("smollm2-135m")                    # each prompt alone: no batching at all
         for prompts, got in zip(PROMPTS, results):
-            want = local.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0))
-            assert got == [o.token_ids for o in want]
+            assert got == [local.generate(p, SamplingParams(max_tokens=12, temperature=0.0))[0].token_ids
+                           for p in prompts]
     finally:
         stop = subprocess.run([*pinfer, "stop", "--name", "pinfer-test-engine"], env=ray_head,
                               capture_output=True, text=True, timeout=120)

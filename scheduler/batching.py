@@ -1,0 +1,71 @@
+"""Continuous batching: which requests run in the next decoding step (pure Python, no torch, no Ray).
+
+Requests wait in arrival order; between steps, waiting ones take free cache slots (first come, first
+served, at most ``max_batch_size`` running) and finished or aborted ones leave, so a step always runs
+every admitted sequence together.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from typing import Generic, Protocol, TypeVar
+
+
+class Schedulable(Protocol):
+    request_id: str
+    slot: int
+
+
+R = TypeVar("R", bound=Schedulable)
+
+
+class BatchScheduler(Generic[R]):
+    def __init__(self, max_batch_size: int) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.max_batch_size = max_batch_size
+        self.waiting: deque[R] = deque()
+        self.running: list[R] = []
+        self._free = list(range(max_batch_size - 1, -1, -1))      # pop() hands out slot 0 first
+
+    def add(self, request: R) -> None:
+        self.waiting.append(request)
+
+    def admit(self) -> list[R]:
+        """Move waiting requests into free slots; returns the newly admitted ones (to prefill)."""
+        admitted = []
+        while self.waiting and self._free:
+            r = self.waiting.popleft()
+            r.slot = self._free.pop()
+            self.running.append(r)
+            admitted.append(r)
+        return admitted
+
+    def finish(self, request: R) -> None:
+        """Take a running request out and free its slot."""
+        self.running.remove(request)
+        self._free.append(request.slot)
+
+    def remove(self, request_id: str) -> R | None:
+        """Drop a request wherever it is (abort); returns it, or None if it is unknown or already gone."""
+        for r in self.waiting:
+            if r.request_id == request_id:
+                self.waiting.remove(r)
+                return r
+        for r in self.running:
+            if r.request_id == request_id:
+                self.finish(r)
+                return r
+        return None
+
+    def drain(self) -> Iterator[R]:
+        """Remove and yield every request (engine failure or shutdown)."""
+        while self.running:
+            r = self.running[-1]
+            self.finish(r)
+            yield r
+        while self.waiting:
+            yield self.waiting.popleft()
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)
