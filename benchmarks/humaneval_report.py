@@ -53,10 +53,10 @@ class Run:
         return (self.summary.get("engine") or {}).get("achieved_sparsity")
 
 
-def load_runs(root: Path, fmt: str) -> list[Run]:
+def load_runs(root: Path, fmt: str, dtype: str) -> list[Run]:
     runs = []
-    for path in sorted(root.glob(f"*/{fmt}-*.jsonl")):
-        m = NAME.match(path.stem.removeprefix(f"{fmt}-"))
+    for path in sorted(root.glob(f"*/{fmt}-{dtype}-*.jsonl")):
+        m = NAME.match(path.stem.removeprefix(f"{fmt}-{dtype}-"))
         if not m:
             continue
         passed, tokens = {}, {}
@@ -111,12 +111,17 @@ def fmt_pct(x: float | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--format", default="raw", choices=["raw", "chat"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--root", type=Path, default=RESULTS / "humaneval")
-    ap.add_argument("--out", type=Path, default=RESULTS / "humaneval_threshold")
+    ap.add_argument("--out", type=Path, default=None, help="default: results/humaneval_threshold (+ -FORMAT-DTYPE "
+                    "when not raw/bfloat16)")
     args = ap.parse_args()
     quiet_logs()
+    if args.out is None:
+        suffix = "" if (args.format, args.dtype) == ("raw", "bfloat16") else f"-{args.format}-{args.dtype}"
+        args.out = RESULTS / f"humaneval_threshold{suffix}"
 
-    runs = load_runs(args.root, args.format)
+    runs = load_runs(args.root, args.format, args.dtype)
     models = sorted({r.model for r in runs})
     dense = {r.model: r for r in runs if r.mode == "dense" and r.hot_fraction is None}
     rows, curves, knees, hot_rows = [], {}, {}, []

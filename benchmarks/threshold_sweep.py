@@ -52,8 +52,8 @@ def points(models: list[str], kinds: list[str], sparsities: list[float], hot_fra
     return out
 
 
-def output_path(out: Path, fmt: str, p: Point) -> Path:
-    return out / p.model / f"{fmt}-{p.name}.jsonl"
+def output_path(out: Path, fmt: str, dtype: str, p: Point) -> Path:
+    return out / p.model / f"{fmt}-{dtype}-{p.name}.jsonl"
 
 
 def main() -> None:
@@ -71,7 +71,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated point names to run (e.g. dense-s00,predictor-s50)")
     ap.add_argument("--batch-size", type=int, default=16, help="requests in flight at once")
     ap.add_argument("--max-tokens", type=int, default=512)
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: configs/engine.yaml")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                    help="bfloat16 (default) doubles batched decode speed on CPUs with avx512_bf16")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--budget-minutes", type=float, default=None, help="start no new point after this long")
     args = ap.parse_args()
@@ -92,7 +93,7 @@ def main() -> None:
         if args.budget_minutes is not None and time.perf_counter() - t0 > args.budget_minutes * 60:
             logger.info("time budget spent; rerun to go on")
             break
-        cfg = EvalConfig(output=output_path(args.out, args.format, p), model=p.model, prompt_format=args.format,
+        cfg = EvalConfig(output=output_path(args.out, args.format, args.dtype, p), model=p.model, prompt_format=args.format,
                          limit=args.hot_limit if p.hot_fraction is not None and args.hot_limit else args.limit,
                          max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=args.dtype, sparsity=p.mode,
                          activation_sparsity=p.sparsity, hot_fraction=p.hot_fraction)
