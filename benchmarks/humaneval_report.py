@@ -66,8 +66,9 @@ def load_runs(root: Path, fmt: str, dtype: str) -> list[Run]:
                 passed[r["task_id"]], tokens[r["task_id"]] = bool(r["passed"]), r["token_ids"]
         summary_path = path.with_name(path.stem + ".summary.json")
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-        runs.append(Run(path.parent.name, m["mode"], int(m["s"]) / 100,
-                        None if m["h"] is None else int(m["h"]) / 100, passed, tokens, summary))
+        if passed:                                # a point that never started (e.g. no predictors yet) is skipped
+            runs.append(Run(path.parent.name, m["mode"], int(m["s"]) / 100,
+                            None if m["h"] is None else int(m["h"]) / 100, passed, tokens, summary))
     return runs
 
 
@@ -135,8 +136,8 @@ def main() -> None:
             rows.append(f"| {model} | {r.mode} | {fmt_pct(r.sparsity)} | {fmt_pct(r.achieved)} | "
                         f"{fmt_pct(r.pass1)} ± {fmt_pct(r.se)} | {r.n}/{NUM_PROBLEMS} | "
                         f"{'' if r is base else f'{b} / {c}, p={p:.3g}'} | {'' if recall is None else f'{recall:.3f}'} | "
-                        f"{s.get('decode_tokens_per_s', 'n/a')} | {s.get('wall_s', 'n/a')} |")
-            if r.mode != "dense" and base:
+                        f"{s.get('throughput_tokens_per_s', 'n/a')} | {s.get('wall_s', 'n/a')} |")
+            if r.mode != "dense" and base and r.n == base.n:        # curves and knees: finished points only
                 curves.setdefault((model, r.mode), []).append(
                     (r.achieved if r.achieved is not None else r.sparsity, r.pass1, r.sparsity))
         if base:
@@ -173,7 +174,7 @@ def main() -> None:
         fig.savefig(args.out.with_suffix(".png"), dpi=120)
 
     table = "\n".join(["| model | mode | target sparsity | achieved | Pass@1 ± SE | problems | McNemar vs dense "
-                       "(dense-only / point-only passes, exact p) | predictor recall | decode tok/s | wall s |",
+                       "(dense-only / point-only passes, exact p) | predictor recall | tok/s (all in flight) | wall s |",
                        "|---|---|---|---|---|---|---|---|---|---|", *rows])
     hot_table = "\n".join(["| model | fixed mask | GPU share | Pass@1 | problems | completions |", "|---|---|---|---|---|---|",
                            *hot_rows]) if hot_rows else "(no hot-sweep points yet)"

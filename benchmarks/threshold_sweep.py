@@ -80,7 +80,11 @@ def main() -> None:
     logging.getLogger("threshold_sweep").setLevel(logging.INFO)
 
     from runtime.evals.harness import EvalConfig, run_humaneval
+    import torch
+
+    from runtime.registry import resolve_model
     from runtime.sparsity.artifacts import MissingArtifactError
+    from runtime.sparsity.modes import SparsityConfig
 
     grid = points(args.models.split(","), args.kinds.split(","), [float(s) for s in args.sparsities.split(",")],
                   [float(h) for h in args.hot_fractions.split(",")], args.hot_mode, args.hot_sparsity)
@@ -100,10 +104,13 @@ def main() -> None:
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
         logger.info("point %s / %s", p.model, p.name)
         try:
-            summary = run_humaneval(cfg)
+            sc, model_dir = SparsityConfig(p.mode, p.sparsity), resolve_model(p.model)
+            sc.tau_gate(model_dir)                               # load what the mode needs, or say it is missing
+            sc.mask_fn(model_dir, torch.float32)
         except MissingArtifactError as e:
             logger.warning("skipping %s %s: %s", p.model, p.name, e)
             continue
+        summary = run_humaneval(cfg)
         done.append({"model": p.model, "point": p.name, "pass@1": summary["pass@1"],
                      "num_problems": summary["num_problems"], "wall_s": summary["wall_s"]})
         print(json.dumps(done[-1]), flush=True)
