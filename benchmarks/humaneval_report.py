@@ -84,14 +84,14 @@ def mcnemar(base: Run, other: Run) -> tuple[int, int, float]:
 
 
 def predictor_recall(model: str, sparsity: float) -> float | None:
-    """Held-out mean recall from the predictor manifest beside the model, if trained."""
+    """Held-out mean recall of the model's predictors at this level (their manifest beside the model)."""
     try:
         from runtime.registry import resolve_model
         from runtime.sparsity.artifacts import sparsity_tag
 
-        path = resolve_model(model) / "sparsity" / f"predictors-{sparsity_tag(sparsity)}.json"
-        return float(json.loads(path.read_text())["mean"]["recall"])
-    except Exception:            # not trained, or another manifest layout: the table says n/a
+        manifest = json.loads((resolve_model(model) / "sparsity" / "predictors.json").read_text())
+        return float(manifest["levels"][sparsity_tag(sparsity)]["mean"]["recall"])
+    except Exception:            # not trained at this level: the table says so
         return None
 
 
@@ -133,8 +133,9 @@ def main() -> None:
             b, c, p = mcnemar(base, r) if base and r is not base else (0, 0, 1.0)
             recall = predictor_recall(model, r.sparsity) if r.mode == "predictor" else None
             s = r.summary
+            same = sum(base.passed[t] for t in r.passed if t in base.passed) / r.n if base else float("nan")
             rows.append(f"| {model} | {r.mode} | {fmt_pct(r.sparsity)} | {fmt_pct(r.achieved)} | "
-                        f"{fmt_pct(r.pass1)} ± {fmt_pct(r.se)} | {r.n}/{NUM_PROBLEMS} | "
+                        f"{fmt_pct(r.pass1)} ± {fmt_pct(r.se)} | {fmt_pct(same)} | {r.n}/{NUM_PROBLEMS} | "
                         f"{'' if r is base else f'{b} / {c}, p={p:.3g}'} | {'' if recall is None else f'{recall:.3f}'} | "
                         f"{s.get('throughput_tokens_per_s', 'n/a')} | {s.get('wall_s', 'n/a')} |")
             if r.mode != "dense" and base and r.n == base.n:        # curves and knees: finished points only
@@ -145,13 +146,15 @@ def main() -> None:
                 pts = [(t, p) for _, p, t in curves.get((model, mode), [])]
                 knees[(model, mode)] = knee(pts, base.pass1) if pts else None
         hot = sorted((r for r in runs if r.model == model and r.hot_fraction is not None), key=lambda r: r.hot_fraction)
-        if hot:
-            ref = hot[0]
+        if hot:                  # the reference: the in-process engine at the same mask, else the first split
+            ref = next((r for r in runs if r.model == model and r.hot_fraction is None and r.mode == hot[0].mode
+                        and r.sparsity == hot[0].sparsity), hot[0])
+            ref_name = "in-process" if ref.hot_fraction is None else f"hot={ref.hot_fraction:.2f}"
             for r in hot:
                 common = sorted(ref.tokens.keys() & r.tokens.keys())
                 same = sum(ref.tokens[t] == r.tokens[t] for t in common)
                 hot_rows.append(f"| {model} | {r.mode} {fmt_pct(r.sparsity)} | {r.hot_fraction:.2f} | {fmt_pct(r.pass1)} | "
-                                f"{r.n} | {same}/{len(common)} identical to hot={ref.hot_fraction:.2f} |")
+                                f"{r.n} | {same}/{len(common)} token-identical to {ref_name} |")
 
     if curves:
         import matplotlib
@@ -173,9 +176,9 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(args.out.with_suffix(".png"), dpi=120)
 
-    table = "\n".join(["| model | mode | target sparsity | achieved | Pass@1 ± SE | problems | McNemar vs dense "
+    table = "\n".join(["| model | mode | target sparsity | achieved | Pass@1 ± SE | dense on these problems | problems | McNemar vs dense "
                        "(dense-only / point-only passes, exact p) | predictor recall | tok/s (all in flight) | wall s |",
-                       "|---|---|---|---|---|---|---|---|---|---|", *rows])
+                       "|---|---|---|---|---|---|---|---|---|---|---|", *rows])
     hot_table = "\n".join(["| model | fixed mask | GPU share | Pass@1 | problems | completions |", "|---|---|---|---|---|---|",
                            *hot_rows]) if hot_rows else "(no hot-sweep points yet)"
     knee_lines = "\n".join(f"- {m} {mode}: knee at {fmt_pct(k)} target sparsity (last point keeping >= "
