@@ -43,7 +43,7 @@ def main() -> None:
 
     from runtime import LLM, SamplingParams
     from runtime.sparsity import artifacts, corpus
-    from runtime.sparsity.predictor import predictors_name
+    from runtime.sparsity.predictor import predictor_report
 
     threads = os.cpu_count() or 1
     dense = LLM(args.model, num_threads=threads)
@@ -83,11 +83,11 @@ def main() -> None:
         for _ in range(args.runs):                      # alternate with dense: ratios from the same moments
             tok_s.append(speed(llm))
             dense_tok_s.append(speed(dense))
-        recall = None
-        if mode == "predictor":
-            _, man = artifacts.load(llm.model_dir, predictors_name(s), "")
-            recall = man["mean"]["recall"]
+        report = predictor_report(llm.model_dir, s) if mode == "predictor" else None
+        recall = None if report is None else report["mean"]["recall"]
+        mass = None if report is None else report["mean"]["weighted_recall"]
         rows.append({"mode": mode, "target": s, "ppl": ppl, "agreement": agree, "predictor_recall": recall,
+                     "predictor_mass_kept": mass,
                      "achieved_sparsity": llm.achieved_sparsity() or 0.0, "tok_s": statistics.median(tok_s),
                      "speed_ratio": statistics.median(tok_s) / statistics.median(dense_tok_s)})
         if llm is not dense:
@@ -122,14 +122,16 @@ def write_report(args, rows: list[dict], dense_ppl: float, threads: int) -> None
              "share of (token, neuron) FFN pairs skipped while decoding; speed = decode tok/s over dense, "
              "alternating in the same run. Produced by `benchmarks/sparsity_table.py`.", "",
              "| mode | target sparsity | achieved sparsity | held-out ppl | ppl vs dense | agreement | "
-             "predictor recall | decode tok/s | vs dense |", "|---|---|---|---|---|---|---|---|---|"]
+             "predictor recall | predictor \\|a\\| mass kept | decode tok/s | vs dense |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "missing" in r:
-            lines.append(f"| {r['mode']} | {r['target']:.0%} | not run: {r['missing']} | | | | | | |")
+            lines.append(f"| {r['mode']} | {r['target']:.0%} | not run: {r['missing']} | | | | | | | |")
             continue
         rec = "" if r["predictor_recall"] is None else f"{r['predictor_recall']:.3f}"
+        mass = "" if r.get("predictor_mass_kept") is None else f"{r['predictor_mass_kept']:.3f}"
         lines.append(f"| {r['mode']} | {r['target']:.0%} | {r['achieved_sparsity']:.1%} | {r['ppl']:.3f} | "
-                     f"{r['ppl'] / dense_ppl - 1:+.1%} | {r['agreement']:.3f} | {rec} | {r['tok_s']:.2f} | "
+                     f"{r['ppl'] / dense_ppl - 1:+.1%} | {r['agreement']:.3f} | {rec} | {mass} | {r['tok_s']:.2f} | "
                      f"{r['speed_ratio']:.2f}x |")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for mode, marker in (("gate", "o"), ("predictor", "s")):

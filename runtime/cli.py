@@ -207,15 +207,24 @@ def cmd_train_predictors(args: argparse.Namespace) -> int:
     from runtime.sparsity.predictor import train_predictors
 
     model_dir, model, encode = _dense_model(args)
-    for s in args.sparsity:
-        m = train_predictors(model, model_dir, encode, s, args.tokens, args.heldout_tokens, args.epochs, args.recall)
-        mean = m["mean"]
-        print(f"sparsity {s:.2f}: held-out mean recall {mean['recall']:.3f}, precision {mean['precision']:.3f}, "
-              f"predicted sparsity {mean['predicted_sparsity']:.3f} (calibrated {mean['true_sparsity']:.3f})")
-        for r in m["layers"]:
-            print(f"  layer {r['layer']:2d} h={r['hidden']:4d} recall {r['heldout_recall']:.3f} "
-                  f"precision {r['heldout_precision']:.3f} predicted sparsity {r['heldout_predicted_sparsity']:.3f}")
+    _print_predictors(train_predictors(model, model_dir, encode, args.sparsity, args.tokens, args.heldout_tokens,
+                                       args.rank, args.cost, args.recall, args.max_gap), per_layer=True)
     return 0
+
+
+def _print_predictors(m: dict, per_layer: bool) -> None:
+    print(f"predictors: rank {m['rank']} ({m['cost']:.1%} of the FFN's multiply-adds), fitted in {m['seconds']:.0f} s; "
+          f"held-out ({m['heldout_tokens']} tokens):")
+    for level in m["levels"].values():
+        mean = level["mean"]
+        print(f"sparsity {level['activation_sparsity']:.2f}: mean recall {mean['recall']:.3f}, precision "
+              f"{mean['precision']:.3f}, predicted sparsity {mean['predicted_sparsity']:.3f} (calibrated "
+              f"{mean['true_sparsity']:.3f}), |a| mass kept {mean['weighted_recall']:.3f} (oracle "
+              f"{mean['oracle_weighted_recall']:.3f})")
+        for r in level["layers"] if per_layer else ():
+            print(f"  layer {r['layer']:2d} recall {r['recall']:.3f} precision {r['precision']:.3f} predicted "
+                  f"sparsity {r['predicted_sparsity']:.3f} (calibrated {r['true_sparsity']:.3f}) mass kept "
+                  f"{r['weighted_recall']:.3f}")
 
 
 def cmd_place(args: argparse.Namespace) -> int:
@@ -250,7 +259,7 @@ def cmd_place(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    """profile (unless present) -> calibrate -> train-predictors, for each target sparsity."""
+    """profile (unless present) -> calibrate each target sparsity -> one predictor fit for all of them."""
     from runtime.sparsity import artifacts
     from runtime.sparsity.predictor import train_predictors
     from runtime.sparsity.profile import PROFILE, calibrate, profile
@@ -262,11 +271,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     except artifacts.MissingArtifactError:
         print(f"profile: wrote {profile(model, model_dir, encode, args.tokens)}")
     for s in args.sparsity:
-        calibrate(model_dir, s)
-        m = train_predictors(model, model_dir, encode, s, args.tokens, args.heldout_tokens, args.epochs, args.recall)
-        mean = m["mean"]
-        print(f"sparsity {s:.2f}: predictors held-out recall {mean['recall']:.3f}, predicted sparsity "
-              f"{mean['predicted_sparsity']:.3f}")
+        print(f"calibrate {s:.2f}: wrote {calibrate(model_dir, s)}")
+    _print_predictors(train_predictors(model, model_dir, encode, args.sparsity, args.tokens, args.heldout_tokens,
+                                       args.rank, args.cost, args.recall, args.max_gap), per_layer=False)
     return 0
 
 
@@ -357,13 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--window", type=int, default=256, help="tokens per forward window (default 256)")
     offline("calibrate", "Choose per-layer activation thresholds tau_act for target sparsities.", cmd_calibrate,
             model_only=True)
-    for name, fn, help_ in (("train-predictors", cmd_train_predictors, "Train per-layer activation predictors."),
+    for name, fn, help_ in (("train-predictors", cmd_train_predictors, "Fit per-layer activation predictors (one "
+                             "scorer for all levels) and threshold them for these and every calibrated sparsity."),
                             ("prepare", cmd_prepare, "Run profile, calibrate and train-predictors.")):
         q = offline(name, help_, fn)
         q.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default 8192)")
         q.add_argument("--heldout-tokens", type=int, default=2048, help="held-out tokens for the report")
-        q.add_argument("--epochs", type=int, default=8)
-        q.add_argument("--recall", type=float, default=0.96, help="recall the default predictor threshold keeps")
+        q.add_argument("--rank", type=int, default=None, help="scorer rank (default: from --cost)")
+        q.add_argument("--cost", type=float, default=0.1, help="scorer multiply-adds per token as a share of the "
+                                                               "FFN's (default 0.1)")
+        q.add_argument("--recall", type=float, default=0.95, help="recall the default predictor threshold aims for")
+        q.add_argument("--max-gap", type=float, default=0.09, help="predicted sparsity at most this far under "
+                                                                   "the calibrated one (default 0.09)")
     q = sub.add_parser("place", help="choose the hot neurons for a GPU memory budget",
                        description="Choose hot neurons from the calibrated activation frequencies: global top-k "
                                    "or the ILP with a per-layer minimum. Results go beside the model in sparsity/.")
