@@ -218,7 +218,7 @@ def summarize(cfg: EvalConfig, settings: RunSettings, problems: list[Problem], s
               "runtime": "hybrid" if settings.hot_fraction is not None else "in-process"}
     return {
         "benchmark": "humaneval",
-        "output": str(cfg.output),
+        "output": cfg.output.name,                    # the JSONL beside this summary (no machine paths)
         "prompt_format": settings.prompt_format,
         "num_problems": len(problems),
         "samples_per_problem": cfg.num_samples,
