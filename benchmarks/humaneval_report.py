@@ -95,14 +95,62 @@ def predictor_recall(model: str, sparsity: float) -> float | None:
         return None
 
 
+@dataclass(frozen=True)
+class Point:
+    achieved: float
+    target: float
+    pass1: float
+    kept: float          # Pass@1 over the dense Pass@1 on the same problems
+    n: int
+
+
+def retained(base: Run, r: Run) -> tuple[float, float]:
+    """Dense Pass@1 on ``r``'s problems, and the share of it ``r`` keeps."""
+    common = [t for t in r.passed if t in base.passed]
+    dense = sum(base.passed[t] for t in common) / len(common) if common else float("nan")
+    point = sum(r.passed[t] for t in common) / len(common) if common else float("nan")
+    return dense, (point / dense if dense else float("nan"))
+
+
+def paired(runs: list[Run], dense: dict[str, Run]) -> list[str]:
+    """Each (mode, sparsity) run by every model, on the problems all of them (and their dense runs) share."""
+    models = sorted(dense)
+    by_point: dict[tuple[str, float], dict[str, Run]] = {}
+    for r in runs:
+        if r.hot_fraction is None and r.mode != "dense" and r.model in dense:
+            by_point.setdefault((r.mode, r.sparsity), {})[r.model] = r
+    rows = []
+    for (mode, s), got in sorted(by_point.items()):
+        if len(models) < 2 or set(got) != set(models):
+            continue
+        common = set.intersection(*(set(got[m].passed) & set(dense[m].passed) for m in models))
+        if not common:
+            continue
+        cells = []
+        for m in models:
+            d = sum(dense[m].passed[t] for t in common) / len(common)
+            p = sum(got[m].passed[t] for t in common) / len(common)
+            cells.append(f"{fmt_pct(d)} -> {fmt_pct(p)} ({fmt_pct(p / d if d else float('nan'))})")
+        rows.append(f"| {mode} | {fmt_pct(s)} | {len(common)} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def knee(points: list[tuple[float, float]], dense: float) -> float | None:
-    """Largest sparsity up to which every point keeps >= KNEE_RETAINED of dense Pass@1."""
+    """Largest sparsity up to which every point keeps >= KNEE_RETAINED of ``dense`` (Pass@1 or 1.0 for shares)."""
     best = 0.0
     for s, p in sorted(points):
         if p < KNEE_RETAINED * dense:
             break
         best = s
     return best if points else None
+
+
+def where(summary: dict) -> str:
+    """The runtime and machine a point's samples came from (tok/s and wall s compare only on one machine)."""
+    m, runtime = summary.get("machine") or {}, (summary.get("engine") or {}).get("runtime", "n/a")
+    if not m:
+        return runtime
+    return f"{runtime}, {m.get('cpus')} CPUs" + (f" + {m['gpu']}" if m.get("gpu") else "")
 
 
 def fmt_pct(x: float | None) -> str:
@@ -133,18 +181,19 @@ def main() -> None:
             b, c, p = mcnemar(base, r) if base and r is not base else (0, 0, 1.0)
             recall = predictor_recall(model, r.sparsity) if r.mode == "predictor" else None
             s = r.summary
-            same = sum(base.passed[t] for t in r.passed if t in base.passed) / r.n if base else float("nan")
+            same = retained(base, r) if base else (float("nan"), float("nan"))
             rows.append(f"| {model} | {r.mode} | {fmt_pct(r.sparsity)} | {fmt_pct(r.achieved)} | "
-                        f"{fmt_pct(r.pass1)} ± {fmt_pct(r.se)} | {fmt_pct(same)} | {r.n}/{NUM_PROBLEMS} | "
+                        f"{fmt_pct(r.pass1)} ± {fmt_pct(r.se)} | {fmt_pct(same[0])} | {fmt_pct(same[1])} | "
+                        f"{r.n}/{NUM_PROBLEMS} | "
                         f"{'' if r is base else f'{b} / {c}, p={p:.3g}'} | {'' if recall is None else f'{recall:.3f}'} | "
-                        f"{s.get('throughput_tokens_per_s', 'n/a')} | {s.get('wall_s', 'n/a')} |")
-            if r.mode != "dense" and base and r.n == base.n:        # curves and knees: finished points only
+                        f"{s.get('throughput_tokens_per_s', 'n/a')} | {s.get('wall_s', 'n/a')} | {where(s)} |")
+            if r.mode != "dense" and base:
                 curves.setdefault((model, r.mode), []).append(
-                    (r.achieved if r.achieved is not None else r.sparsity, r.pass1, r.sparsity))
+                    Point(r.achieved if r.achieved is not None else r.sparsity, r.sparsity, r.pass1, same[1], r.n))
         if base:
             for mode in ("gate", "predictor"):
-                pts = [(t, p) for _, p, t in curves.get((model, mode), [])]
-                knees[(model, mode)] = knee(pts, base.pass1) if pts else None
+                pts = [(p.target, p.kept) for p in curves.get((model, mode), [])]
+                knees[(model, mode)] = knee(pts, 1.0) if pts else None
         hot = sorted((r for r in runs if r.model == model and r.hot_fraction is not None), key=lambda r: r.hot_fraction)
         if hot:                  # the reference: the in-process engine at the same mask, else the first split
             ref = next((r for r in runs if r.model == model and r.hot_fraction is None and r.mode == hot[0].mode
@@ -155,6 +204,7 @@ def main() -> None:
                 same = sum(ref.tokens[t] == r.tokens[t] for t in common)
                 hot_rows.append(f"| {model} | {r.mode} {fmt_pct(r.sparsity)} | {r.hot_fraction:.2f} | {fmt_pct(r.pass1)} | "
                                 f"{r.n} | {same}/{len(common)} token-identical to {ref_name} |")
+    paired_rows = paired(runs, dense)
 
     if curves:
         import matplotlib
@@ -162,31 +212,48 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
         for (model, mode), pts in sorted(curves.items()):
             base = dense[model].pass1
-            xs, ys = zip(*sorted([(0.0, base)] + [(x, y) for x, y, _ in pts]))
-            ax.plot([100 * x for x in xs], [100 * y for y in ys], marker="o" if mode == "predictor" else "s",
-                    linestyle="-" if mode == "predictor" else "--", label=f"{model} {mode}")
-        ax.set_xlabel("achieved activation sparsity (%)")
-        ax.set_ylabel("HumanEval Pass@1 (%)")
-        ax.set_title(f"Pass@1 vs activation sparsity ({args.format} prompts, greedy)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            style = dict(marker="o" if mode == "predictor" else "s", linestyle="-" if mode == "predictor" else "--",
+                         label=f"{model} {mode}")
+            full = sorted([(0.0, base)] + [(p.achieved, p.pass1) for p in pts if p.n == dense[model].n])
+            ax.plot([100 * x for x, _ in full], [100 * y for _, y in full], **style)
+            kept = sorted([(0.0, 1.0)] + [(p.achieved, p.kept) for p in pts])
+            ax2.plot([100 * x for x, _ in kept], [100 * y for _, y in kept], **style)
+        ax.set(xlabel="achieved activation sparsity (%)", ylabel="HumanEval Pass@1 (%)",
+               title=f"Pass@1, all 164 problems ({args.format} prompts, greedy)")
+        ax2.set(xlabel="achieved activation sparsity (%)", ylabel="% of dense Pass@1 kept (same problems)",
+                title="Pass@1 kept vs the model's own dense run")
+        ax2.axhline(100 * KNEE_RETAINED, color="gray", ls=":", lw=1)
+        for a in (ax, ax2):
+            a.grid(alpha=0.3)
+            a.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(args.out.with_suffix(".png"), dpi=120)
 
-    table = "\n".join(["| model | mode | target sparsity | achieved | Pass@1 ± SE | dense on these problems | problems | McNemar vs dense "
-                       "(dense-only / point-only passes, exact p) | predictor recall | tok/s (all in flight) | wall s |",
-                       "|---|---|---|---|---|---|---|---|---|---|---|", *rows])
+    table = "\n".join(["| model | mode | target sparsity | achieved | Pass@1 ± SE | dense on these problems | kept "
+                       "| problems | McNemar vs dense "
+                       "(dense-only / point-only passes, exact p) | predictor recall | tok/s (all in flight) | wall s | where |",
+                       "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows])
+    paired_table = "\n".join(["| mode | target | problems both ran | " + " | ".join(
+        f"{m}: dense -> point (kept)" for m in models) + " |", "|---|---|---|" + "---|" * len(models),
+        *paired_rows]) if paired_rows else "(no point run by both models yet)"
     hot_table = "\n".join(["| model | fixed mask | GPU share | Pass@1 | problems | completions |", "|---|---|---|---|---|---|",
                            *hot_rows]) if hot_rows else "(no hot-sweep points yet)"
-    knee_lines = "\n".join(f"- {m} {mode}: knee at {fmt_pct(k)} target sparsity (last point keeping >= "
-                           f"{KNEE_RETAINED:.0%} of dense Pass@1)" for (m, mode), k in sorted(knees.items()) if k is not None)
+    def knee_line(m: str, mode: str, k: float) -> str:
+        later = sorted(p.target for p in curves[(m, mode)] if p.target > k)
+        where = f"between {fmt_pct(k)} and {fmt_pct(later[0])}" if later else f"past {fmt_pct(k)} (the last point run)"
+        return (f"- {m} {mode}: knee {where} target sparsity (the last point keeping >= {KNEE_RETAINED:.0%} of the "
+                f"dense Pass@1 on the same problems, and the next)")
+
+    knee_lines = "\n".join(knee_line(m, mode, k) for (m, mode), k in sorted(knees.items()) if k is not None)
     args.out.with_suffix(".tables.md").write_text(
         f"<!-- generated by benchmarks/humaneval_report.py --format {args.format} -->\n\n## Pass@1 by point\n\n{table}\n\n"
+        f"## Small vs large on the same problems\n\n{paired_table}\n\n"
         f"## Hot-neuron threshold (fixed mask)\n\n{hot_table}\n\n## Knees\n\n{knee_lines or '(not enough points)'}\n")
     print(table)
+    print(paired_table)
     print(hot_table)
     print(knee_lines)
     result = {"bench": "humaneval_report", "format": args.format,

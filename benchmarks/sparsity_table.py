@@ -1,10 +1,12 @@
 """Quality/speed of activation sparsity on one model: held-out perplexity, top-1 agreement with dense,
 predictor recall, achieved sparsity and decode tokens/s relative to dense, per mode and target.
 
-Everything runs in-process in one run (dense first, then each point); perplexity and agreement use
-held-out Python-stdlib windows (never the calibration files, never HumanEval); agreement is the
-share of positions whose argmax equals the dense model's greedy token over a 128-token dense
-continuation (teacher forcing). Writes ``benchmarks/results/sparsity_<model>.md`` and a PNG.
+Everything runs in-process in one run (dense first, then each point); perplexity uses 256-token windows
+from held-out Python-stdlib files spread over that split, one from the middle of each file (never the
+calibration files, never HumanEval); agreement is the share of positions whose argmax equals the dense
+model's greedy token over a 128-token dense continuation (teacher forcing). The oracle rows keep exactly
+the neurons with |a_j| > tau_act: what a perfect predictor would give. Writes
+``benchmarks/results/sparsity_<model>.md`` and a PNG.
 
     python benchmarks/sparsity_table.py --model qwen2.5-coder-0.5b --sparsities 0.3 0.5 0.7 0.8 0.9
 """
@@ -30,8 +32,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.8, 0.9])
-    ap.add_argument("--modes", nargs="+", default=["gate", "predictor"])
-    ap.add_argument("--ppl-tokens", type=int, default=1024)
+    ap.add_argument("--modes", nargs="+", default=["oracle", "gate", "predictor"],
+                    help="oracle = exact |a_j| > tau_act (the ceiling of any predictor; quality only)")
+    ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--decode-tokens", type=int, default=48)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default=None, help="markdown path (default: results/sparsity_<model>.md)")
@@ -42,17 +45,24 @@ def main() -> None:
     from tqdm import tqdm
 
     from runtime import LLM, SamplingParams
-    from runtime.sparsity import artifacts, corpus
-    from runtime.sparsity.predictor import predictor_report
+    from runtime.model import ffn_activations
+    from runtime.sparsity import artifacts
+    from runtime.sparsity.predictor import predictor_report, sample_windows
+    from runtime.sparsity.profile import calibration_name
 
     threads = os.cpu_count() or 1
     dense = LLM(args.model, num_threads=threads)
     tok = dense.tokenizer
-    windows = corpus.token_windows(tok.encode, "heldout", args.ppl_tokens, 128)
+    windows = sample_windows(tok.encode, "heldout", args.ppl_tokens)
     prompt = tok.apply_chat_template([{"role": "user", "content": PROMPT}])
     ref = dense.generate([prompt], SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True))[0]
     ref_ids = ref.prompt_token_ids + ref.token_ids
     decode = SamplingParams(max_tokens=args.decode_tokens, temperature=0.0, ignore_eos=True)
+
+    def reset_counts(llm: LLM) -> None:
+        shard = getattr(llm._engine.runner, "shard", None)
+        if shard is not None:
+            shard.num_computed = shard.num_offered = 0
 
     def quality(llm: LLM) -> tuple[float, float]:
         nll, count = 0.0, 0
@@ -61,26 +71,35 @@ def main() -> None:
             nll -= logp.gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
             count += len(ids) - 1
         pred = llm._engine.token_logits(ref_ids)[len(ref.prompt_token_ids) - 1:-1].argmax(-1)
-        return math.exp(nll / count), (pred == torch.tensor(ref.token_ids)).float().mean().item()
+        agreement = (pred == torch.tensor(ref.token_ids)).float().mean().item()
+        return math.exp(nll / count), agreement
 
     def speed(llm: LLM) -> float:
         return (args.decode_tokens - 1) / llm.generate([prompt], decode)[0].metrics["decode_s"]
+
+    def oracle(s: float) -> LLM:
+        """The predictor engine with the exact mask |a_j| > tau_act (computed densely from the dense model)."""
+        llm = LLM(args.model, num_threads=threads, sparsity="predictor", activation_sparsity=s)
+        tau = artifacts.load(llm.model_dir, calibration_name(s), "")[0]["tau_act"]
+        ffns = [block.ffn for block in dense._engine.runner.model.layers]
+        llm._engine.runner.mask_fn = lambda i, x: (ffn_activations(x, ffns[i].w_gate_up_t, ffns[i].act).abs()
+                                                   > float(tau[i]))
+        return llm
 
     points = [("dense", 0.0)] + [(m, s) for m in args.modes for s in args.sparsities]
     rows = []
     for mode, s in tqdm(points, desc="sparsity points", unit="point"):
         try:
-            llm = dense if mode == "dense" else LLM(args.model, num_threads=threads, sparsity=mode, activation_sparsity=s)
+            llm = (dense if mode == "dense" else oracle(s) if mode == "oracle"
+                   else LLM(args.model, num_threads=threads, sparsity=mode, activation_sparsity=s))
         except artifacts.MissingArtifactError:
             rows.append({"mode": mode, "target": s,
                          "missing": f"no {mode} results at this sparsity (`pinfer prepare --sparsity {s}`)"})
             continue
         ppl, agree = quality(llm)
-        shard = getattr(llm._engine.runner, "shard", None)
-        if shard is not None:
-            shard.num_computed = shard.num_offered = 0
+        reset_counts(llm)
         tok_s, dense_tok_s = [], []
-        for _ in range(args.runs):                      # alternate with dense: ratios from the same moments
+        for _ in range(1 if mode == "oracle" else args.runs):   # alternate with dense: ratios from the same moments
             tok_s.append(speed(llm))
             dense_tok_s.append(speed(dense))
         report = predictor_report(llm.model_dir, s) if mode == "predictor" else None
@@ -90,14 +109,17 @@ def main() -> None:
                      "predictor_mass_kept": mass,
                      "achieved_sparsity": llm.achieved_sparsity() or 0.0, "tok_s": statistics.median(tok_s),
                      "speed_ratio": statistics.median(tok_s) / statistics.median(dense_tok_s)})
+        if mode == "oracle":                            # it computes the FFN twice: its speed means nothing
+            rows[-1]["tok_s"] = rows[-1]["speed_ratio"] = None
         if llm is not dense:
             llm.shutdown()
     dense_ppl = rows[0]["ppl"]
     write_report(args, rows, dense_ppl, threads)
     best = [r for r in rows if r.get("mode") == "predictor" and r.get("target") == 0.5 and "ppl" in r]
     line = (f"sparsity {args.model} fp32 threads={threads}: dense ppl {dense_ppl:.3f}, {rows[0]['tok_s']:.2f} tok/s; "
-            + "; ".join(f"{r['mode']}@{r['target']:.1f} ppl {r['ppl']:.3f} ({r['ppl'] / dense_ppl - 1:+.1%}) "
-                        f"speed {r['speed_ratio']:.2f}x" for r in rows[1:] if "ppl" in r))
+            + "; ".join(f"{r['mode']}@{r['target']:.1f} ppl {r['ppl']:.3f} ({r['ppl'] / dense_ppl - 1:+.1%})"
+                        + (f" speed {r['speed_ratio']:.2f}x" if r["speed_ratio"] else "")
+                        for r in rows[1:] if "ppl" in r))
     if best:
         b = best[0]
         line += (f" | target predictor@0.5: ppl within 2%: {'met' if b['ppl'] <= 1.02 * dense_ppl else 'missed'}, "
@@ -117,10 +139,14 @@ def write_report(args, rows: list[dict], dense_ppl: float, threads: int) -> None
     stem = "sparsity_" + short.get(args.model, re.sub(r"[^A-Za-z0-9]+", "_", args.model))
     md = Path(args.out) if args.out else RESULTS / f"{stem}.md"
     lines = [f"# Activation sparsity on {args.model} (fp32, {threads} threads, in-process engine)", "",
-             "Held-out perplexity over Python-stdlib files never used for calibration; agreement = top-1 "
-             "agreement with the dense greedy continuation (128 tokens, teacher-forced); achieved sparsity = "
-             "share of (token, neuron) FFN pairs skipped while decoding; speed = decode tok/s over dense, "
-             "alternating in the same run. Produced by `benchmarks/sparsity_table.py`.", "",
+             f"Held-out perplexity over {args.ppl_tokens} tokens, 256-token windows from Python-stdlib files never "
+             "used for calibration (one window per file, files spread over the held-out split); agreement = top-1 "
+             "agreement with the dense greedy continuation (128 tokens, teacher-forced); achieved sparsity = share "
+             "of (token, neuron) FFN pairs skipped while decoding; speed = decode tok/s over dense, alternating in "
+             "the same run. oracle = exactly the neurons with |a_j| > tau_act (a perfect predictor; quality only, it "
+             "computes the FFN twice). predictor recall / \\|a\\| mass kept = held-out means from `pinfer "
+             "train-predictors` (share of the truly active neurons predicted; share of the sum of \\|a_j\\| over "
+             "all neurons that the predicted ones carry). Produced by `benchmarks/sparsity_table.py`.", "",
              "| mode | target sparsity | achieved sparsity | held-out ppl | ppl vs dense | agreement | "
              "predictor recall | predictor \\|a\\| mass kept | decode tok/s | vs dense |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -130,15 +156,18 @@ def write_report(args, rows: list[dict], dense_ppl: float, threads: int) -> None
             continue
         rec = "" if r["predictor_recall"] is None else f"{r['predictor_recall']:.3f}"
         mass = "" if r.get("predictor_mass_kept") is None else f"{r['predictor_mass_kept']:.3f}"
+        speed = "n/a | n/a" if r["tok_s"] is None else f"{r['tok_s']:.2f} | {r['speed_ratio']:.2f}x"
         lines.append(f"| {r['mode']} | {r['target']:.0%} | {r['achieved_sparsity']:.1%} | {r['ppl']:.3f} | "
-                     f"{r['ppl'] / dense_ppl - 1:+.1%} | {r['agreement']:.3f} | {rec} | {mass} | {r['tok_s']:.2f} | "
-                     f"{r['speed_ratio']:.2f}x |")
+                     f"{r['ppl'] / dense_ppl - 1:+.1%} | {r['agreement']:.3f} | {rec} | {mass} | {speed} |")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode, marker in (("gate", "o"), ("predictor", "s")):
-        pts = sorted((r["achieved_sparsity"], r["ppl"], r["speed_ratio"]) for r in rows if r.get("mode") == mode and "ppl" in r)
-        if pts:
-            a1.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=mode)
-            a2.plot([p[0] for p in pts], [p[2] for p in pts], marker=marker, label=mode)
+    for mode, marker in (("oracle", "^"), ("gate", "o"), ("predictor", "s")):
+        ppl_pts = sorted((r["achieved_sparsity"], r["ppl"]) for r in rows if r.get("mode") == mode and "ppl" in r)
+        speed_pts = sorted((r["achieved_sparsity"], r["speed_ratio"]) for r in rows
+                           if r.get("mode") == mode and r.get("speed_ratio"))
+        if ppl_pts:
+            a1.plot(*zip(*ppl_pts), marker=marker, label=mode)
+        if speed_pts:
+            a2.plot(*zip(*speed_pts), marker=marker, label=mode)
     a1.axhline(dense_ppl, color="gray", ls="--", label="dense")
     a2.axhline(1.0, color="gray", ls="--", label="dense")
     a1.set(xlabel="achieved activation sparsity", ylabel="held-out perplexity", yscale="log", title=args.model)

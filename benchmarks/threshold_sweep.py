@@ -73,6 +73,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                     help="bfloat16 (default) doubles batched decode speed on CPUs with avx512_bf16")
+    ap.add_argument("--gpu-share", type=float, default=None,
+                    help="run the activation points on the hybrid runtime with this GPU share of neurons too (on a "
+                         "CUDA machine: attention and the hot neurons on the GPU; see gpu_sweep.sh); default in process")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--budget-minutes", type=float, default=None, help="start no new point after this long")
     args = ap.parse_args()
@@ -100,7 +103,8 @@ def main() -> None:
         cfg = EvalConfig(output=output_path(args.out, args.format, args.dtype, p), model=p.model, prompt_format=args.format,
                          limit=args.hot_limit if p.hot_fraction is not None and args.hot_limit else args.limit,
                          max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=args.dtype, sparsity=p.mode,
-                         activation_sparsity=p.sparsity, hot_fraction=p.hot_fraction)
+                         activation_sparsity=p.sparsity,
+                         hot_fraction=args.gpu_share if p.hot_fraction is None else p.hot_fraction)
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
         logger.info("point %s / %s", p.model, p.name)
         try:

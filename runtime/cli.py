@@ -269,7 +269,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         artifacts.load(model_dir, PROFILE, "")
         print("profile: present")
     except artifacts.MissingArtifactError:
-        print(f"profile: wrote {profile(model, model_dir, encode, args.tokens)}")
+        print(f"profile: wrote {profile(model, model_dir, encode)}")
     for s in args.sparsity:
         print(f"calibrate {s:.2f}: wrote {calibrate(model_dir, s)}")
     _print_predictors(train_predictors(model, model_dir, encode, args.sparsity, args.tokens, args.heldout_tokens,
@@ -368,8 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "scorer for all levels) and threshold them for these and every calibrated sparsity."),
                             ("prepare", cmd_prepare, "Run profile, calibrate and train-predictors.")):
         q = offline(name, help_, fn)
-        q.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default 8192)")
-        q.add_argument("--heldout-tokens", type=int, default=2048, help="held-out tokens for the report")
+        q.add_argument("--tokens", type=int, default=16384, help="calibration tokens the predictors are fitted on "
+                                                                 "(default 16384; a quarter more for thresholds)")
+        q.add_argument("--heldout-tokens", type=int, default=4096, help="held-out tokens for the report")
         q.add_argument("--rank", type=int, default=None, help="scorer rank (default: from --cost)")
         q.add_argument("--cost", type=float, default=0.1, help="scorer multiply-adds per token as a share of the "
                                                                "FFN's (default 0.1)")

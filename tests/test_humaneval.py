@@ -166,9 +166,11 @@ def test_runs_resume_and_refuse_other_settings(smollm, tmp_path: Path) -> None:
     rec = json.loads(lines[0])
     assert rec["prompt_format"] == "raw" and rec["num_tokens"] == len(rec["token_ids"]) <= 8
     assert json.loads((tmp_path / "he.summary.json").read_text())["pass@1"] == first["pass@1"]
+    assert first["machine"]["cpus"] == os.cpu_count() and first["machine"]["gpu"] is None   # in process: CPU only
 
     again = run_humaneval(cfg, smollm, show_progress=False)          # nothing left to generate
     assert again["num_new_samples"] == 0 and out.read_text().splitlines() == lines
+    assert again["machine"] == first["machine"]                        # where the samples came from, kept
     assert {k: again[k] for k in ("pass@1", "num_passed", "status")} == \
         {k: first[k] for k in ("pass@1", "num_passed", "status")}
 

@@ -71,7 +71,7 @@ def test_any_hot_cold_split_gives_the_same_output_at_a_fixed_mask(tiny: Path, ho
 def test_offline_pipeline_measures_what_it_reports(tiny: Path) -> None:
     from runtime.model import ffn_activations
     from runtime.sparsity import artifacts
-    from runtime.sparsity.predictor import _spread_windows, load_predictors, predictor_report, train_predictors
+    from runtime.sparsity.predictor import load_predictors, predictor_report, sample_windows, train_predictors
     from runtime.sparsity.profile import calibrate, calibration_name, profile, run_with_ffn_hook
     from runtime.tokenizer import TextTokenizer
     from runtime.weights import load_transformer
@@ -91,7 +91,7 @@ def test_offline_pipeline_measures_what_it_reports(tiny: Path) -> None:
         assert row["true_sparsity"] - 0.09 - 0.06 < row["predicted_sparsity"] < 1.0
 
     held: list[list[torch.Tensor]] = [[] for _ in range(3)]    # recall re-measured here on the same held-out tokens
-    run_with_ffn_hook(model, _spread_windows(encode, "heldout", 512), lambda i, x, g, a: held[i].append(x), "check")
+    run_with_ffn_hook(model, sample_windows(encode, "heldout", 512), lambda i, x, g, a: held[i].append(x), "check")
     for i, predictor in enumerate(load_predictors(tiny, 0.5)):
         x = torch.cat(held[i])
         active = ffn_activations(x, model.layers[i].ffn.w_gate_up_t, model.layers[i].ffn.act).abs() > cal["tau_act"][i]
@@ -99,6 +99,10 @@ def test_offline_pipeline_measures_what_it_reports(tiny: Path) -> None:
         assert abs(recall - level["layers"][i]["recall"]) < 0.02 and 0.3 < recall <= 1.0
     with pytest.raises(artifacts.MissingArtifactError, match="train-predictors"):
         load_predictors(tiny, 0.7)                         # a level never calibrated has no thresholds
+    from runtime.sparsity.modes import SparsityConfig      # eval results record which offline results made them
+    digest = SparsityConfig("predictor", 0.5).artifacts_digest(tiny)
+    assert digest == SparsityConfig("predictor", 0.5).artifacts_digest(tiny) != SparsityConfig("gate", 0.5).artifacts_digest(tiny)
+    assert SparsityConfig("dense").artifacts_digest(tiny) is None
 
     prompts, params = ["def f(x):", "import os"], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     gate = LLM(str(tiny), sparsity="gate", activation_sparsity=0.5)
@@ -167,10 +171,13 @@ def test_threshold_keeps_the_recall_target_or_stops_at_the_sparsity_gap() -> Non
 
 def test_missing_offline_results_are_a_clear_error(tmp_path: Path) -> None:
     from runtime.sparsity.artifacts import MissingArtifactError
+    from runtime.sparsity.modes import SparsityConfig
 
     d = make_tiny_model(tmp_path / "fresh")
     with pytest.raises(MissingArtifactError, match="pinfer"):
         LLM(str(d), sparsity="predictor", activation_sparsity=0.5)
+    with pytest.raises(MissingArtifactError, match="pinfer prepare"):
+        SparsityConfig("gate", 0.5).artifacts_digest(d)
     with pytest.raises(ValueError, match="sparsity must be"):
         LLM(str(d), sparsity="magic")
 

@@ -3,7 +3,9 @@ resume, summarize."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -66,11 +68,11 @@ class EvalConfig:
         SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed)
         SandboxLimits(self.timeout_s, self.memory_mb)
 
-    def run_settings(self, model_name: str, dtype: str) -> RunSettings:
+    def run_settings(self, model_name: str, dtype: str, sparsity_artifacts: str | None = None) -> RunSettings:
         return RunSettings(model_name, self.prompt_format, self.max_tokens, float(self.temperature), float(self.top_p),
                            self.seed if self.temperature > 0 else None, dtype, self.sparsity,
                            float(self.activation_sparsity), self.hot_fraction, float(self.timeout_s), self.memory_mb,
-                           tuple(stop_strings(self.prompt_format)))
+                           tuple(stop_strings(self.prompt_format)), sparsity_artifacts)
 
 
 def sample_seed(seed: int | None, task_id: str, sample: int) -> int | None:
@@ -97,7 +99,14 @@ def run_humaneval(cfg: EvalConfig, llm: "LLM | None" = None, show_progress: bool
     problems = load_problems(cfg.limit, cfg.tasks)
     model_name = llm.model_name if llm is not None else cfg.model or default_model()
     dtype = str(llm.dtype).removeprefix("torch.") if llm is not None else cfg.dtype or EngineConfig.load().dtype
-    settings = cfg.run_settings(model_name, dtype)
+    digest = None
+    if cfg.sparsity != "dense":
+        from runtime.registry import resolve_model
+        from runtime.sparsity.modes import SparsityConfig
+
+        model_dir = llm.model_dir if llm is not None else resolve_model(model_name)
+        digest = SparsityConfig(cfg.sparsity, cfg.activation_sparsity).artifacts_digest(model_dir)
+    settings = cfg.run_settings(model_name, dtype, digest)
     if llm is not None and (llm.sparsity.mode, llm.sparsity.activation_sparsity) != \
             (cfg.sparsity, cfg.activation_sparsity):
         raise ValueError(f"the given LLM runs sparsity {llm.sparsity}, the config says {cfg.sparsity!r} at "
@@ -122,8 +131,27 @@ def run_humaneval(cfg: EvalConfig, llm: "LLM | None" = None, show_progress: bool
         finally:
             if owns_llm:
                 llm.shutdown()
+    summary["machine"] = machine(settings.hot_fraction is not None) if todo else _previous_machine(cfg.output)
     write_json(sidecar(cfg.output, "summary"), summary)
     return summary
+
+
+def machine(hybrid: bool) -> dict[str, Any]:
+    """Where this run's samples were generated: speeds from different machines do not compare (Pass@1 does)."""
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if hybrid and torch.cuda.is_available() else None
+    return {"cpus": os.cpu_count(), "cpu": platform.machine(), "gpu": gpu}
+
+
+def _previous_machine(output: Path) -> dict[str, Any] | None:
+    """A rerun that generated nothing keeps the machine its summary named."""
+    try:
+        return json.loads(sidecar(output, "summary").read_text()).get("machine")
+    except (OSError, ValueError):
+        return None
 
 
 class _Progress:

@@ -60,6 +60,17 @@ def load(model_dir: Path, name: str, how_to_make: str) -> tuple[dict[str, np.nda
     return load_file(str(d / f"{name}.safetensors")), manifest
 
 
+def manifest_digest(model_dir: Path, names: list[str], how_to_make: str) -> str:
+    """16 hex digits of sha256 over the named manifests (each rewritten whenever its arrays are)."""
+    h = hashlib.sha256()
+    for name in names:
+        path = artifact_dir(model_dir) / f"{name}.json"
+        if not path.is_file():
+            raise MissingArtifactError(f"{artifact_dir(model_dir) / name} not found; create it with `{how_to_make}`")
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, np.generic):
         return v.item()

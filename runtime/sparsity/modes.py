@@ -29,6 +29,14 @@ class SparsityConfig:
     def prepare_hint(self, model_dir: Path) -> str:
         return f"pinfer prepare --model {model_dir} --sparsity {self.activation_sparsity}"
 
+    def artifacts_digest(self, model_dir: Path) -> str | None:
+        """A short hash of the offline results this config computes with (None for dense): results recorded
+        under one digest must not mix with those of re-calibrated thresholds or retrained predictors."""
+        if self.mode == "dense":
+            return None
+        names = [calibration_name(self.activation_sparsity)] + (["predictors"] if self.mode == "predictor" else [])
+        return artifacts.manifest_digest(model_dir, names, self.prepare_hint(model_dir))
+
     def tau_gate(self, model_dir: Path) -> list[float] | None:
         if self.mode != "gate":
             return None

@@ -11,13 +11,13 @@ that model (Gauss-Hermite nodes for E[act(g)^2]), so a neuron whose estimate is 
 still ranks high. The score estimates |a_j|^2 itself: one scorer serves every sparsity, and a level only
 adds a per-layer threshold tau_pred.
 
-Why not PowerInfer's trained MLP classifier (measured on qwen2.5-coder-0.5b, held-out, 50% target):
-Linear-ReLU-Linear h=256 trained with BCE (layer 9, predicted sparsity 10 points under the calibrated
-one) recalls 0.69 of the active neurons, the bare rank-128 estimate 0.73-0.76 at a smaller cost, and the
-exact gate alone (CATS) 0.80. The per-token spread matters most for perplexity: a few tokens far from
-the calibration inputs lost most of their activation energy to the bare estimate (+32% held-out ppl at
-44% sparsity, rank 96); with it, +4.8%. The closed form takes seconds per layer, the MLP 20 s per layer
-and level.
+Why not PowerInfer's trained MLP classifier (qwen2.5-coder-0.5b, held-out, 50% target): at the same
+predicted sparsity (41%) a Linear-ReLU-Linear h=256 trained with BCE recalls 0.69 of the active neurons
+of layer 9, the bare rank-128 estimate 0.73 at a smaller cost, the exact gate alone (CATS) 0.80. What
+perplexity punishes is the few large activations a predictor drops: without the per-token spread, rank 96
+dropped activations up to 30x tau_act and cost +32% perplexity at 44% sparsity; with it, +9% at 34%
+(exact oracle: +0.3% at 50%). The closed form takes seconds per layer and serves every level; the MLP
+took 20 s per layer and level.
 
 Threshold per level and layer: on validation tokens from calibration files the fit never read, the
 highest tau_pred that keeps ``target_recall`` of the truly active neurons (|a_j| > tau_act), but never
@@ -25,6 +25,7 @@ one whose predicted sparsity falls more than ``max_sparsity_gap`` under the cali
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -44,7 +45,7 @@ from runtime.sparsity.profile import calibration_name, run_with_ffn_hook
 logger = logging.getLogger(__name__)
 
 PREDICTORS = "predictors"
-NUM_NODES = 8                   # Gauss-Hermite nodes for E[act(g)^2]; 4 loses ~0.5 point recall at 90%
+NUM_NODES = 8                   # Gauss-Hermite nodes for E[act(g)^2] (4 ranked as well without the spread)
 SKETCH_DIM = 64                 # random directions that measure each token's residual scale (JL sketch)
 ROWS_PER_CHUNK = 64             # bounds the [rows, n, K] quadrature temporaries of a long prefill
 WINDOW = 256
@@ -192,15 +193,32 @@ def _score(scores: torch.Tensor, a_abs: torch.Tensor, labels: torch.Tensor, tau:
             "oracle_weighted_recall": (a_abs * labels).sum().item() / mass}
 
 
-def _spread_windows(encode, split: str, num_tokens: int, skip_tokens: int = 0, stride: int = 8) -> list[list[int]]:
-    """Every ``stride``-th window of the split's tokens ``stride * skip_tokens`` to ``stride * (skip_tokens +
-    num_tokens)``: many files, not the first few (a scorer fitted and thresholded on a handful of files
-    misjudges the held-out ones), and with ``skip_tokens`` none of the files the first call read."""
-    try:
-        every = corpus.token_windows(encode, split, stride * (skip_tokens + num_tokens), WINDOW)
-        return every[stride * skip_tokens // WINDOW::stride]
-    except ValueError:                                  # a small corpus: consecutive windows
-        return corpus.token_windows(encode, split, skip_tokens + num_tokens, WINDOW)[skip_tokens // WINDOW:]
+def sample_windows(encode, split: str, num_tokens: int, part: str = "all") -> list[list[int]]:
+    """``num_tokens`` of ``split`` in WINDOW-token windows from files spread evenly over it, a few windows
+    per file, spaced evenly inside it. ``part`` "fit" / "validation" takes the calibration files outside /
+    inside a fixed eighth of them (by a hash of the path), so thresholds are chosen on files the fit never
+    read: a scorer fitted and thresholded on the first few files misjudges the others."""
+    def is_validation(path: Path) -> bool:
+        return hashlib.sha1("/".join(path.parts[-2:]).encode()).digest()[1] < 32
+
+    files = [p for p in corpus.stdlib_files(split) if part == "all" or is_validation(p) == (part == "validation")]
+    num_windows = max(1, num_tokens // WINDOW)
+    per_file = math.ceil(num_windows / max(1, len(files)))
+    step = max(1, len(files) * per_file // num_windows)
+    windows: list[list[int]] = []
+    for path in (files[i] for first in range(step) for i in range(first, len(files), step)):   # spread, then fill
+        try:
+            ids = encode(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+        if len(ids) >= WINDOW:
+            starts = ((np.arange(per_file) + 0.5) / per_file * (len(ids) - WINDOW)).astype(int)
+            windows += [ids[i:i + WINDOW] for i in dict.fromkeys(starts.tolist())]
+        if len(windows) >= num_windows:
+            return windows[:num_windows]
+    if not windows:
+        raise ValueError(f"no {WINDOW}-token windows in the {split} corpus ({part} files)")
+    return windows
 
 
 def _collect_inputs(model: Transformer, windows: list[list[int]], desc: str) -> list[torch.Tensor]:
@@ -210,7 +228,7 @@ def _collect_inputs(model: Transformer, windows: list[list[int]], desc: str) -> 
 
 
 def train_predictors(model: Transformer, model_dir: Path, encode, activation_sparsities: list[float],
-                     num_tokens: int = 8192, heldout_tokens: int = 2048, rank: int | None = None,
+                     num_tokens: int = 16384, heldout_tokens: int = 4096, rank: int | None = None,
                      cost: float = 0.1, target_recall: float = 0.95, max_sparsity_gap: float = 0.09,
                      validation_tokens: int | None = None) -> dict:
     """Fit every layer's scorer once, then derive the thresholds of each level in ``activation_sparsities``
@@ -222,11 +240,11 @@ def train_predictors(model: Transformer, model_dir: Path, encode, activation_spa
                                  f"--sparsity {s}")[0]["tau_act"] for s in levels}
     rank = min(rank or default_rank(cfg, cost), cfg.hidden_size)
     t0 = time.perf_counter()
-    validation_tokens = validation_tokens or max(WINDOW, num_tokens // 8)
-    x_cal = _collect_inputs(model, _spread_windows(encode, "calibration", num_tokens), "collect calibration")
-    x_vals = _collect_inputs(model, _spread_windows(encode, "calibration", validation_tokens, num_tokens),
-                             "collect validation")                               # calibration files fitting never saw
-    x_held = _collect_inputs(model, _spread_windows(encode, "heldout", heldout_tokens), "collect held-out")
+    validation_tokens = validation_tokens or max(WINDOW, num_tokens // 4)
+    x_cal = _collect_inputs(model, sample_windows(encode, "calibration", num_tokens, "fit"), "collect calibration")
+    x_vals = _collect_inputs(model, sample_windows(encode, "calibration", validation_tokens, "validation"),
+                             "collect validation")
+    x_held = _collect_inputs(model, sample_windows(encode, "heldout", heldout_tokens), "collect held-out")
     arrays: dict[str, np.ndarray] = {}
     reports: dict[str, list[dict]] = {artifacts.sparsity_tag(s): [] for s in levels}
     taus = {s: np.zeros(L, np.float32) for s in levels}

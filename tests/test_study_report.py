@@ -1,0 +1,42 @@
+"""The threshold study's report: paired McNemar counts, Pass@1 kept on the same problems, small vs large on
+the problems both ran, knees and token equality across the hot sweep, from per-problem JSONL alone."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_run(root: Path, model: str, point: str, passed: list[bool], tokens: list[list[int]] | None = None) -> None:
+    d = root / model
+    d.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"task_id": f"HumanEval/{i}", "sample": 0, "passed": ok,
+                         "token_ids": tokens[i] if tokens else [i]}) for i, ok in enumerate(passed)]
+    (d / f"raw-bfloat16-{point}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_report_pairs_points_with_their_dense_runs(tmp_path: Path) -> None:
+    root = tmp_path / "he"
+    write_run(root, "small", "dense-s00", [True] * 6 + [False] * 4)               # 60%
+    write_run(root, "small", "gate-s30", [True] * 6 + [False] * 4)                # keeps 100%
+    write_run(root, "small", "gate-s50", [True, True, False, False, False, False])  # first 6: 6 -> 2 (33% kept)
+    write_run(root, "large", "dense-s00", [True] * 8 + [False] * 2)
+    write_run(root, "large", "gate-s50", [True, True, True, True, True, False, False, True])  # first 8: 8 -> 6
+    write_run(root, "small", "dense-s00-hot050", [True] * 6 + [False] * 4, tokens=[[i] for i in range(9)] + [[0]])
+    r = subprocess.run([sys.executable, "benchmarks/humaneval_report.py", "--root", str(root),
+                        "--out", str(tmp_path / "report")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "report.tables.md").read_text()
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:3]): line for line in md.splitlines()
+            if line.startswith("| small") or line.startswith("| large")}
+    assert "| 4 / 0, p=0.125 |" in rows[("small", "gate", "50.0%")]            # 4 dense-only passes, none the other way
+    assert "| 33.3% ± 19.2% | 100.0% | 33.3% | 6/164 |" in rows[("small", "gate", "50.0%")]
+    assert "| 2 / 0, p=0.5 |" in rows[("large", "gate", "50.0%")]
+    assert "| gate | 50.0% | 6 | 100.0% -> 83.3% (83.3%) | 100.0% -> 33.3% (33.3%) |" in md   # large, small on 0-5
+    assert "small gate: knee between 30.0% and 50.0%" in md
+    assert "| small | dense 0.0% | 0.50 | 60.0% | 10 | 9/10 token-identical to in-process |" in md
+    assert (tmp_path / "report.png").stat().st_size > 0
+    assert r.stdout.splitlines()[-1].startswith("RESULT {")
