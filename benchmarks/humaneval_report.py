@@ -112,14 +112,15 @@ def retained(base: Run, r: Run) -> tuple[float, float]:
     return dense, (point / dense if dense else float("nan"))
 
 
-def paired(runs: list[Run], dense: dict[str, Run]) -> list[str]:
-    """Each (mode, sparsity) run by every model, on the problems all of them (and their dense runs) share."""
+def paired(runs: list[Run], dense: dict[str, Run]) -> tuple[list[str], dict[tuple[str, str, float], float]]:
+    """Each (mode, sparsity) run by every model, on the problems all of them (and their dense runs) share:
+    table rows, and each model's Pass@1 kept there, keyed (model, mode, sparsity)."""
     models = sorted(dense)
     by_point: dict[tuple[str, float], dict[str, Run]] = {}
     for r in runs:
         if r.hot_fraction is None and r.mode != "dense" and r.model in dense:
             by_point.setdefault((r.mode, r.sparsity), {})[r.model] = r
-    rows = []
+    rows, kept = [], {}
     for (mode, s), got in sorted(by_point.items()):
         if len(models) < 2 or set(got) != set(models):
             continue
@@ -130,9 +131,31 @@ def paired(runs: list[Run], dense: dict[str, Run]) -> list[str]:
         for m in models:
             d = sum(dense[m].passed[t] for t in common) / len(common)
             p = sum(got[m].passed[t] for t in common) / len(common)
-            cells.append(f"{fmt_pct(d)} -> {fmt_pct(p)} ({fmt_pct(p / d if d else float('nan'))})")
+            kept[(m, mode, s)] = p / d if d else float("nan")
+            cells.append(f"{fmt_pct(d)} -> {fmt_pct(p)} ({fmt_pct(kept[(m, mode, s)])})")
+        if len(models) == 2:
+            lo, hi = kept_difference_ci(dense, got, models, sorted(common))
+            cells.append(f"{fmt_pts(kept[(models[1], mode, s)] - kept[(models[0], mode, s)])} "
+                         f"[{fmt_pts(lo)}, {fmt_pts(hi)}]")
         rows.append(f"| {mode} | {fmt_pct(s)} | {len(common)} | " + " | ".join(cells) + " |")
-    return rows
+    return rows, kept
+
+
+def kept_difference_ci(dense: dict[str, Run], got: dict[str, Run], models: list[str], tasks: list[str],
+                       resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95% paired bootstrap interval (problems resampled) of the second model's Pass@1 kept minus the first's."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(tasks), size=(resamples, len(tasks)))
+
+    def kept(m: str) -> np.ndarray:
+        d = np.array([dense[m].passed[t] for t in tasks], float)[idx].mean(1)
+        p = np.array([got[m].passed[t] for t in tasks], float)[idx].mean(1)
+        return np.divide(p, d, out=np.full_like(p, np.nan), where=d > 0)
+
+    diff = kept(models[1]) - kept(models[0])
+    return tuple(np.nanpercentile(diff, [2.5, 97.5]).tolist())
 
 
 def knee(points: list[tuple[float, float]], dense: float) -> float | None:
@@ -151,6 +174,10 @@ def where(summary: dict) -> str:
     if not m:
         return runtime
     return f"{runtime}, {m.get('cpus')} CPUs" + (f" + {m['gpu']}" if m.get("gpu") else "")
+
+
+def fmt_pts(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:+.1f} pts"
 
 
 def fmt_pct(x: float | None) -> str:
@@ -204,7 +231,7 @@ def main() -> None:
                 same = sum(ref.tokens[t] == r.tokens[t] for t in common)
                 hot_rows.append(f"| {model} | {r.mode} {fmt_pct(r.sparsity)} | {r.hot_fraction:.2f} | {fmt_pct(r.pass1)} | "
                                 f"{r.n} | {same}/{len(common)} token-identical to {ref_name} |")
-    paired_rows = paired(runs, dense)
+    paired_rows, paired_kept = paired(runs, dense)
 
     if curves:
         import matplotlib
@@ -219,12 +246,12 @@ def main() -> None:
                          label=f"{model} {mode}")
             full = sorted([(0.0, base)] + [(p.achieved, p.pass1) for p in pts if p.n == dense[model].n])
             ax.plot([100 * x for x, _ in full], [100 * y for _, y in full], **style)
-            kept = sorted([(0.0, 1.0)] + [(p.achieved, p.kept) for p in pts])
+            kept = sorted([(0.0, 1.0)] + [(p.achieved, paired_kept.get((model, mode, p.target), p.kept)) for p in pts])
             ax2.plot([100 * x for x, _ in kept], [100 * y for _, y in kept], **style)
         ax.set(xlabel="achieved activation sparsity (%)", ylabel="HumanEval Pass@1 (%)",
                title=f"Pass@1, all 164 problems ({args.format} prompts, greedy)")
         ax2.set(xlabel="achieved activation sparsity (%)", ylabel="% of dense Pass@1 kept (same problems)",
-                title="Pass@1 kept vs the model's own dense run")
+                title="Pass@1 kept vs own dense run (on problems both models ran)")
         ax2.axhline(100 * KNEE_RETAINED, color="gray", ls=":", lw=1)
         for a in (ax, ax2):
             a.grid(alpha=0.3)
@@ -236,9 +263,11 @@ def main() -> None:
                        "| problems | McNemar vs dense "
                        "(dense-only / point-only passes, exact p) | predictor recall | tok/s (all in flight) | wall s | where |",
                        "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows])
+    diff_col = [f"kept, {models[1]} minus {models[0]} [95% paired bootstrap]"] if len(models) == 2 else []
     paired_table = "\n".join(["| mode | target | problems both ran | " + " | ".join(
-        f"{m}: dense -> point (kept)" for m in models) + " |", "|---|---|---|" + "---|" * len(models),
-        *paired_rows]) if paired_rows else "(no point run by both models yet)"
+        [f"{m}: dense -> point (kept)" for m in models] + diff_col) + " |",
+        "|---|---|---|" + "---|" * (len(models) + len(diff_col)), *paired_rows]) if paired_rows \
+        else "(no point run by both models yet)"
     hot_table = "\n".join(["| model | fixed mask | GPU share | Pass@1 | problems | completions |", "|---|---|---|---|---|---|",
                            *hot_rows]) if hot_rows else "(no hot-sweep points yet)"
     def knee_line(m: str, mode: str, k: float) -> str:

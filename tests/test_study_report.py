@@ -36,6 +36,7 @@ def test_report_pairs_points_with_their_dense_runs(tmp_path: Path) -> None:
     assert "| 33.3% ± 19.2% | 100.0% | 33.3% | 6/164 |" in rows[("small", "gate", "50.0%")]
     assert "| 2 / 0, p=0.5 |" in rows[("large", "gate", "50.0%")]
     assert "| gate | 50.0% | 6 | 100.0% -> 83.3% (83.3%) | 100.0% -> 33.3% (33.3%) |" in md   # large, small on 0-5
+    assert "(33.3%) | -50.0 pts [" in md                    # small's share kept minus large's, bootstrap interval
     assert "small gate: knee between 30.0% and 50.0%" in md
     assert "| small | dense 0.0% | 0.50 | 60.0% | 10 | 9/10 token-identical to in-process |" in md
     assert (tmp_path / "report.png").stat().st_size > 0
