@@ -251,7 +251,7 @@ def main() -> None:
         ax.set(xlabel="achieved activation sparsity (%)", ylabel="HumanEval Pass@1 (%)",
                title=f"Pass@1, all 164 problems ({args.format} prompts, greedy)")
         ax2.set(xlabel="achieved activation sparsity (%)", ylabel="% of dense Pass@1 kept (same problems)",
-                title="Pass@1 kept vs own dense run (on problems both models ran)")
+                title="Pass@1 kept vs own dense run (same problems; both models' where both ran)")
         ax2.axhline(100 * KNEE_RETAINED, color="gray", ls=":", lw=1)
         for a in (ax, ax2):
             a.grid(alpha=0.3)
