@@ -47,7 +47,8 @@ def main() -> None:
     from runtime import LLM, SamplingParams
     from runtime.model import ffn_activations
     from runtime.sparsity import artifacts
-    from runtime.sparsity.predictor import predictor_report, sample_windows
+    from runtime.sparsity.corpus import sample_windows
+    from runtime.sparsity.predictor import predictor_report
     from runtime.sparsity.profile import calibration_name
 
     threads = os.cpu_count() or 1

@@ -71,7 +71,8 @@ def test_any_hot_cold_split_gives_the_same_output_at_a_fixed_mask(tiny: Path, ho
 def test_offline_pipeline_measures_what_it_reports(tiny: Path) -> None:
     from runtime.model import ffn_activations
     from runtime.sparsity import artifacts
-    from runtime.sparsity.predictor import load_predictors, predictor_report, sample_windows, train_predictors
+    from runtime.sparsity.corpus import sample_windows
+    from runtime.sparsity.predictor import load_predictors, predictor_report, train_predictors
     from runtime.sparsity.profile import calibrate, calibration_name, profile, run_with_ffn_hook
     from runtime.tokenizer import TextTokenizer
     from runtime.weights import load_transformer

@@ -8,9 +8,12 @@ split is stable across machines with the same Python version; tests and vendored
 from __future__ import annotations
 
 import hashlib
+import math
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 HELD_OUT_SHARE = 0.2
 _SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "site-packages", "dist-packages", "__pycache__",
@@ -45,6 +48,34 @@ def token_windows(encode, split: str, num_tokens: int, window: int = 256) -> lis
                 return windows
     if taken < num_tokens:
         raise ValueError(f"the {split} corpus has only {taken} tokens in {window}-token windows, {num_tokens} asked")
+    return windows
+
+
+def sample_windows(encode, split: str, num_tokens: int, window: int = 256, part: str = "all") -> list[list[int]]:
+    """``num_tokens`` of ``split`` in ``window``-token windows from files spread evenly over it, a few windows
+    per file, spaced evenly inside it. ``part`` "fit" / "validation" takes the calibration files outside /
+    inside a fixed eighth of them (by a hash of the path), so thresholds are chosen on files the fit never
+    read: a scorer fitted and thresholded on the first few files misjudges the others."""
+    def is_validation(path: Path) -> bool:
+        return hashlib.sha1("/".join(path.parts[-2:]).encode()).digest()[1] < 32
+
+    files = [p for p in stdlib_files(split) if part == "all" or is_validation(p) == (part == "validation")]
+    num_windows = max(1, num_tokens // window)
+    per_file = math.ceil(num_windows / max(1, len(files)))
+    step = max(1, len(files) * per_file // num_windows)
+    windows: list[list[int]] = []
+    for path in (files[i] for first in range(step) for i in range(first, len(files), step)):   # spread, then fill
+        try:
+            ids = encode(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+        if len(ids) >= window:
+            starts = ((np.arange(per_file) + 0.5) / per_file * (len(ids) - window)).astype(int)
+            windows += [ids[i:i + window] for i in dict.fromkeys(starts.tolist())]
+        if len(windows) >= num_windows:
+            return windows[:num_windows]
+    if not windows:
+        raise ValueError(f"no {window}-token windows in the {split} corpus ({part} files)")
     return windows
 
 

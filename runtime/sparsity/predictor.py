@@ -25,7 +25,6 @@ one whose predicted sparsity falls more than ``max_sparsity_gap`` under the cali
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -84,11 +83,6 @@ class LayerPredictor:
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted active neurons [N, n_ff] (bool) for x [N, d]."""
         return self.scores(x) > self.tau
-
-
-def predictors_name(activation_sparsity: float | None = None) -> str:
-    """The artifact holding the scorers and every trained level's thresholds (one for all levels)."""
-    return PREDICTORS
 
 
 def _make_layer(arrays: dict[str, np.ndarray], layer: int, n: int, tau: float, act, dtype: torch.dtype,
@@ -193,34 +187,6 @@ def _score(scores: torch.Tensor, a_abs: torch.Tensor, labels: torch.Tensor, tau:
             "oracle_weighted_recall": (a_abs * labels).sum().item() / mass}
 
 
-def sample_windows(encode, split: str, num_tokens: int, part: str = "all") -> list[list[int]]:
-    """``num_tokens`` of ``split`` in WINDOW-token windows from files spread evenly over it, a few windows
-    per file, spaced evenly inside it. ``part`` "fit" / "validation" takes the calibration files outside /
-    inside a fixed eighth of them (by a hash of the path), so thresholds are chosen on files the fit never
-    read: a scorer fitted and thresholded on the first few files misjudges the others."""
-    def is_validation(path: Path) -> bool:
-        return hashlib.sha1("/".join(path.parts[-2:]).encode()).digest()[1] < 32
-
-    files = [p for p in corpus.stdlib_files(split) if part == "all" or is_validation(p) == (part == "validation")]
-    num_windows = max(1, num_tokens // WINDOW)
-    per_file = math.ceil(num_windows / max(1, len(files)))
-    step = max(1, len(files) * per_file // num_windows)
-    windows: list[list[int]] = []
-    for path in (files[i] for first in range(step) for i in range(first, len(files), step)):   # spread, then fill
-        try:
-            ids = encode(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, OSError):
-            continue
-        if len(ids) >= WINDOW:
-            starts = ((np.arange(per_file) + 0.5) / per_file * (len(ids) - WINDOW)).astype(int)
-            windows += [ids[i:i + WINDOW] for i in dict.fromkeys(starts.tolist())]
-        if len(windows) >= num_windows:
-            return windows[:num_windows]
-    if not windows:
-        raise ValueError(f"no {WINDOW}-token windows in the {split} corpus ({part} files)")
-    return windows
-
-
 def _collect_inputs(model: Transformer, windows: list[list[int]], desc: str) -> list[torch.Tensor]:
     xs: list[list[torch.Tensor]] = [[] for _ in range(model.cfg.num_hidden_layers)]
     run_with_ffn_hook(model, windows, lambda layer, x, g, a: xs[layer].append(x.to(torch.bfloat16)), desc)
@@ -241,10 +207,10 @@ def train_predictors(model: Transformer, model_dir: Path, encode, activation_spa
     rank = min(rank or default_rank(cfg, cost), cfg.hidden_size)
     t0 = time.perf_counter()
     validation_tokens = validation_tokens or max(WINDOW, num_tokens // 4)
-    x_cal = _collect_inputs(model, sample_windows(encode, "calibration", num_tokens, "fit"), "collect calibration")
-    x_vals = _collect_inputs(model, sample_windows(encode, "calibration", validation_tokens, "validation"),
+    x_cal = _collect_inputs(model, corpus.sample_windows(encode, "calibration", num_tokens, WINDOW, "fit"), "collect calibration")
+    x_vals = _collect_inputs(model, corpus.sample_windows(encode, "calibration", validation_tokens, WINDOW, "validation"),
                              "collect validation")
-    x_held = _collect_inputs(model, sample_windows(encode, "heldout", heldout_tokens), "collect held-out")
+    x_held = _collect_inputs(model, corpus.sample_windows(encode, "heldout", heldout_tokens, WINDOW), "collect held-out")
     arrays: dict[str, np.ndarray] = {}
     reports: dict[str, list[dict]] = {artifacts.sparsity_tag(s): [] for s in levels}
     taus = {s: np.zeros(L, np.float32) for s in levels}
