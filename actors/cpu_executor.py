@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.ffn_shard import FFNShard
+from runtime.model.ffn_shard import FFNShard
 from runtime.llm import parse_dtype
 from scheduler.doorbell import DoorbellListener
 from scheduler.layer_scheduler import serve_cold

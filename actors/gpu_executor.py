@@ -15,18 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.ffn_shard import FFNShard
-from runtime.config import ModelConfig
-from runtime.engine import Engine
+from runtime.model.ffn_shard import FFNShard
+from runtime.model.config import ModelConfig
+from runtime.core.engine import Engine
 from runtime.errors import EngineDeadError
 from runtime.llm import parse_dtype
-from runtime.model import KVCache, StepInput, Transformer
+from runtime.model.transformer import KVCache, StepInput, Transformer
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
-from runtime.streams import StreamChunk
+from runtime.core.handles import StreamChunk
 from runtime.sparsity.modes import SparsityConfig
-from runtime.tokenizer import TextTokenizer
-from runtime.weights import load_transformer
+from runtime.model.tokenizer import TextTokenizer
+from runtime.model.weights import load_transformer
 from scheduler.doorbell import Doorbell
 from scheduler.layer_scheduler import ColdExecutorError, LayerEvent, LayerScheduler
 from scheduler.placement import LayerSplit

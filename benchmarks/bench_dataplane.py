@@ -132,7 +132,7 @@ def main() -> None:
 
     import ray
     from ray.dag import InputNode, MultiOutputNode
-    from runtime.cluster import RAY_ENV
+    from runtime.hybrid.cluster import RAY_ENV
 
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)

@@ -34,7 +34,7 @@ def main() -> None:
     quiet_logs()
 
     from runtime import LLM, SamplingParams
-    from runtime.cluster import ensure_ray
+    from runtime.hybrid.cluster import ensure_ray
 
     ensure_ray()
     threads = os.cpu_count() or 1

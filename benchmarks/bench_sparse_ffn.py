@@ -36,10 +36,10 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from actors.ffn_shard import FFNShard
-    from runtime.config import ModelConfig
-    from runtime.registry import resolve_model
-    from runtime.sparsity.kernel import kernel_available
+    from runtime.model.ffn_shard import FFNShard
+    from runtime.model.config import ModelConfig
+    from runtime.model.registry import resolve_model
+    from runtime.model.sparse_kernel import kernel_available
 
     torch.set_num_threads(args.threads)
     model_dir = resolve_model(args.model)

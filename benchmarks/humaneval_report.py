@@ -86,7 +86,7 @@ def mcnemar(base: Run, other: Run) -> tuple[int, int, float]:
 def predictor_recall(model: str, sparsity: float) -> float | None:
     """Held-out mean recall of the model's predictors at this level (their manifest beside the model)."""
     try:
-        from runtime.registry import resolve_model
+        from runtime.model.registry import resolve_model
         from runtime.sparsity.artifacts import sparsity_tag
 
         manifest = json.loads((resolve_model(model) / "sparsity" / "predictors.json").read_text())

@@ -45,7 +45,7 @@ def main() -> None:
     from tqdm import tqdm
 
     from runtime import LLM, SamplingParams
-    from runtime.model import ffn_activations
+    from runtime.model.transformer import ffn_activations
     from runtime.sparsity import artifacts
     from runtime.sparsity.corpus import sample_windows
     from runtime.sparsity.predictor import predictor_report

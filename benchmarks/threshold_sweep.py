@@ -85,7 +85,7 @@ def main() -> None:
     from runtime.evals.harness import EvalConfig, run_humaneval
     import torch
 
-    from runtime.registry import resolve_model
+    from runtime.model.registry import resolve_model
     from runtime.sparsity.artifacts import MissingArtifactError
     from runtime.sparsity.modes import SparsityConfig
 

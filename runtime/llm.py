@@ -12,19 +12,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from runtime.config import ModelConfig
-from runtime.engine import DenseRunner, Engine
-from runtime.engine_config import EngineConfig
+from runtime.model.config import ModelConfig
+from runtime.core.engine import DenseRunner, Engine
+from runtime.config import EngineConfig
 from runtime.outputs import RequestOutput
-from runtime.registry import default_model, resolve_model
+from runtime.model.registry import default_model, resolve_model
 from runtime.sampling import SamplingParams
 from runtime.sparsity.modes import SparseRunner, SparsityConfig
-from runtime.streams import StreamChunk
-from runtime.tokenizer import TextTokenizer
-from runtime.weights import load_transformer
+from runtime.core.handles import StreamChunk
+from runtime.model.tokenizer import TextTokenizer
+from runtime.model.weights import load_transformer
 
 if TYPE_CHECKING:
-    from runtime.hybrid import HybridEngine
+    from runtime.hybrid.driver import HybridEngine
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class LLM:
         self.sparsity = SparsityConfig(sparsity, activation_sparsity)
         self.is_hybrid = hot_fraction is not None or address is not None
         if self.is_hybrid:
-            from runtime.hybrid import HybridEngine
+            from runtime.hybrid.driver import HybridEngine
 
             self._engine: Engine | HybridEngine | None = HybridEngine(
                 self.model_dir, hot_fraction=defaults.hot_fraction if hot_fraction is None else hot_fraction,
@@ -92,7 +92,7 @@ class LLM:
     def _local_runner(self, threads: int) -> DenseRunner | SparseRunner:
         if self.sparsity.mode == "dense":
             return DenseRunner(load_transformer(self.model_dir, self.dtype))
-        from actors.ffn_shard import FFNShard
+        from runtime.model.ffn_shard import FFNShard
 
         model = load_transformer(self.model_dir, self.dtype, with_ffn=False)
         every = [np.arange(model.cfg.intermediate_size)] * model.cfg.num_hidden_layers

@@ -83,7 +83,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def gguf_location(name: str) -> tuple[str, str]:
     """(directory, file name) of a registry model's GGUF, for transformers' own GGUF loader."""
-    from runtime.registry import _verified_gguf, load_registry
+    from runtime.model.registry import _verified_gguf, load_registry
 
     path = _verified_gguf(load_registry()[1][name])
     return str(path.parent), path.name
@@ -102,7 +102,7 @@ def hf_from_gguf(name: str):
 
 
 def has_package_data(name: str) -> bool:
-    from runtime.registry import load_registry
+    from runtime.model.registry import load_registry
 
     first = load_registry()[1][name].files[0].split("/")[0]
     return importlib.util.find_spec(first) is not None

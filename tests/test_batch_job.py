@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from runtime import LLM, SamplingParams
-from runtime.batch_job import finished_ids, parse_jobs
+from runtime.serving.batch_job import finished_ids, parse_jobs
 
 PINFER = [sys.executable, "-m", "runtime.cli"]
 N_GOOD = 40

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cluster import RAY_ENV
+from runtime.hybrid.cluster import RAY_ENV
 
 VENV_BIN = Path(sys.executable).parent
 CLIENT = """
 import asyncio, json, sys
 from runtime import SamplingParams
-from runtime.client import connect
+from runtime.serving.client import connect
 client = connect("auto", name="pinfer-test-engine")
 p, sp = sys.argv[1:], SamplingParams(max_tokens=12, temperature=0.0)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from runtime import LLM, SamplingParams
-from runtime.model import StepInput
+from runtime.model.transformer import StepInput
 from tests.conftest import has_package_data, hf_from_gguf
 
 MODELS = [

@@ -22,8 +22,8 @@ import openai
 import pytest
 
 from runtime import LLM, SamplingParams
-from runtime.cluster import RAY_ENV
-from runtime.http_api import BackgroundHttpServer
+from runtime.hybrid.cluster import RAY_ENV
+from runtime.serving.http_api import BackgroundHttpServer
 
 MODEL = "smollm2-135m"
 PROMPT = "def fib(n):"

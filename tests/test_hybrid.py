@@ -13,7 +13,7 @@ import torch
 
 from runtime import LLM, SamplingParams
 from runtime.errors import EngineDeadError
-from runtime.trace import overlapping_layers
+from runtime.hybrid.trace import overlapping_layers
 from tests.conftest import has_package_data, hf_from_gguf
 
 PROMPTS = ["def fib(n):", "The capital of France is", "import numpy as np\n\ndef moving_average(x, w):\n"]
@@ -25,7 +25,7 @@ def ray_cluster():
     """One embedded cluster for the module (each LLM attaches instead of starting its own)."""
     import ray
 
-    from runtime.cluster import ensure_ray
+    from runtime.hybrid.cluster import ensure_ray
 
     ensure_ray()
     yield
@@ -44,8 +44,8 @@ def _hf_greedy(name: str) -> dict:
     _, hf = hf_from_gguf(name)
     cfg = copy.deepcopy(hf.generation_config)
     cfg.eos_token_id, cfg.pad_token_id, cfg.do_sample = -1, 0, False
-    from runtime.registry import resolve_model
-    from runtime.tokenizer import TextTokenizer
+    from runtime.model.registry import resolve_model
+    from runtime.model.tokenizer import TextTokenizer
 
     tok = TextTokenizer(resolve_model(name))
     out = {}

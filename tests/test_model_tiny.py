@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from runtime import LLM, SamplingParams
-from runtime.model import StepInput
+from runtime.model.transformer import StepInput
 from tests.conftest import make_tiny_model
 
 VARIANTS = {

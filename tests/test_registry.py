@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runtime import registry
+from runtime.model import registry
 from runtime.errors import ChecksumMismatchError, MissingPackageDataError, ModelNotFoundError
 
 
@@ -77,7 +77,7 @@ def test_directory_without_config_is_not_a_model(tmp_path: Path) -> None:
 
 
 def test_pickle_checkpoints_are_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from runtime.weights import load_transformer
+    from runtime.model.weights import load_transformer
 
     d = tmp_path / "pickled"
     d.mkdir()

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from actors.ffn_shard import FFNShard
+from runtime.model.ffn_shard import FFNShard
 from runtime import LLM, SamplingParams
 from runtime.sparsity import corpus
-from runtime.sparsity.kernel import kernel_available, sparse_ffn, sparse_ffn_reference
+from runtime.model.sparse_kernel import kernel_available, sparse_ffn, sparse_ffn_reference
 from scheduler.placement import natural_layer_order, place_ilp, place_topk, split_by_fraction
 from tests.conftest import make_tiny_model
 
@@ -69,13 +69,13 @@ def test_any_hot_cold_split_gives_the_same_output_at_a_fixed_mask(tiny: Path, ho
 
 
 def test_offline_pipeline_measures_what_it_reports(tiny: Path) -> None:
-    from runtime.model import ffn_activations
+    from runtime.model.transformer import ffn_activations
     from runtime.sparsity import artifacts
     from runtime.sparsity.corpus import sample_windows
     from runtime.sparsity.predictor import load_predictors, predictor_report, train_predictors
     from runtime.sparsity.profile import calibrate, calibration_name, profile, run_with_ffn_hook
-    from runtime.tokenizer import TextTokenizer
-    from runtime.weights import load_transformer
+    from runtime.model.tokenizer import TextTokenizer
+    from runtime.model.weights import load_transformer
 
     model, encode = load_transformer(tiny), TextTokenizer(tiny).encode
     profile(model, tiny, encode, num_tokens=2048)
@@ -115,7 +115,7 @@ def test_offline_pipeline_measures_what_it_reports(tiny: Path) -> None:
 
     import ray
 
-    from runtime.cluster import ensure_ray
+    from runtime.hybrid.cluster import ensure_ray
 
     ensure_ray()
     try:                                     # the same masks through the Ray executors: the same tokens
@@ -127,7 +127,7 @@ def test_offline_pipeline_measures_what_it_reports(tiny: Path) -> None:
 
 
 def test_scorer_is_exact_at_full_rank_and_beats_plain_svd_at_low_rank() -> None:
-    from runtime.model import ffn_activations
+    from runtime.model.transformer import ffn_activations
     from runtime.sparsity.predictor import _make_layer, fit_scorer
 
     g = torch.Generator().manual_seed(0)

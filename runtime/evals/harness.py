@@ -92,8 +92,8 @@ def load_llm(cfg: EvalConfig, model_name: str) -> "LLM":
 def run_humaneval(cfg: EvalConfig, llm: "LLM | None" = None, show_progress: bool = True) -> dict[str, Any]:
     """Evaluate ``cfg`` and return the summary, also written to disk. ``llm``: an already loaded model (whose
     engine settings must be ``cfg``'s), else one is loaded when there is anything to generate."""
-    from runtime.engine_config import EngineConfig
-    from runtime.registry import default_model
+    from runtime.config import EngineConfig
+    from runtime.model.registry import default_model
 
     t0 = time.perf_counter()
     problems = load_problems(cfg.limit, cfg.tasks)
@@ -101,7 +101,7 @@ def run_humaneval(cfg: EvalConfig, llm: "LLM | None" = None, show_progress: bool
     dtype = str(llm.dtype).removeprefix("torch.") if llm is not None else cfg.dtype or EngineConfig.load().dtype
     digest = None
     if cfg.sparsity != "dense":
-        from runtime.registry import resolve_model
+        from runtime.model.registry import resolve_model
         from runtime.sparsity.modes import SparsityConfig
 
         model_dir = llm.model_dir if llm is not None else resolve_model(model_name)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.model import KVCache, StepInput, Transformer
+from runtime.model.transformer import KVCache, StepInput, Transformer
 from runtime.sparsity import artifacts
 from runtime.sparsity.profile import calibration_name
 

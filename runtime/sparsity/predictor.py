@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from runtime.config import ModelConfig
-from runtime.model import ACTIVATIONS, Transformer, ffn_activations
+from runtime.model.config import ModelConfig
+from runtime.model.transformer import ACTIVATIONS, Transformer, ffn_activations
 from runtime.sparsity import artifacts, corpus
 from runtime.sparsity.profile import calibration_name, run_with_ffn_hook
 

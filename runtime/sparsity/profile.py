@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from runtime.model import KVCache, StepInput, Transformer
+from runtime.model.transformer import KVCache, StepInput, Transformer
 from runtime.sparsity import artifacts, corpus
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.config import ModelConfig
+from runtime.model.config import ModelConfig
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu, "relu": F.relu, "gelu": F.gelu,

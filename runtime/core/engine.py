@@ -19,13 +19,13 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from runtime.config import ModelConfig
+from runtime.model.config import ModelConfig
 from runtime.errors import EngineDeadError, InvalidRequestError
-from runtime.model import KVCache, StepInput, Transformer
+from runtime.model.transformer import KVCache, StepInput, Transformer
 from runtime.outputs import RequestOutput
 from runtime.sampling import Sampler, SamplingParams
-from runtime.streams import RequestHandle, StreamChunk
-from runtime.tokenizer import IncrementalDetokenizer, TextTokenizer
+from runtime.core.handles import RequestHandle, StreamChunk
+from runtime.model.tokenizer import IncrementalDetokenizer, TextTokenizer
 from scheduler.batching import BatchScheduler
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.registry import cache_dir
+from runtime.model.registry import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def sparse_ffn_reference(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, ac
                          gate_act: torch.Tensor | None = None, row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch formulation: x [N, d], w [n, 3|2, d] (gate, up, down | up, down), idx [k] -> y [N, d];
     ``row_mask`` [N, n] keeps a_j(x_r) only where row r needs neuron j."""
-    from runtime.model import ACTIVATIONS
+    from runtime.model.transformer import ACTIVATIONS
 
     rows = w.index_select(0, idx)                                   # [k, 3|2, d]
     up = x @ rows[:, -2].t()                                        # [N, k]

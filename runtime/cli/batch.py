@@ -6,11 +6,11 @@ import json
 import sys
 from pathlib import Path
 
-from runtime.batch_job import SAMPLING_FIELDS, BatchJob
+from runtime.serving.batch_job import SAMPLING_FIELDS, BatchJob
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from runtime.cli import llm_from_args
+    from runtime.cli.main import llm_from_args
 
     if not args.input.is_file():
         raise FileNotFoundError(f"no input file {args.input}")
@@ -18,7 +18,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     defaults = {k: getattr(args, k) for k in SAMPLING_FIELDS if k != "ignore_eos"}
     llm = None
     if args.engine:                       # a served engine (`pinfer serve`) on the cluster
-        from runtime.client import connect
+        from runtime.serving.client import connect
 
         backend = connect(args.address or "auto", args.engine)
         chat_template = backend.apply_chat_template
@@ -38,7 +38,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from runtime.cli import _add_model_args, _add_sampling_args
+    from runtime.cli.main import _add_model_args, _add_sampling_args
 
     p = sub.add_parser(
         "batch", help="run a JSONL file of prompts (resumable)",

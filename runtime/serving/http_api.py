@@ -22,17 +22,17 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from runtime.errors import EngineDeadError, InvalidRequestError
-from runtime.openai_protocol import ApiError, GenerationRequest, Reply, invalid_request, parse_request, root_cause, \
+from runtime.serving.openai_protocol import ApiError, GenerationRequest, Reply, invalid_request, parse_request, root_cause, \
     show, sse
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
-from runtime.streams import StreamChunk
+from runtime.core.handles import StreamChunk
 
 logger = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
-    """What the server needs from an engine: ``runtime.LLM`` and ``runtime.client.Client`` both fit."""
+    """What the server needs from an engine: ``runtime.LLM`` and ``runtime.serving.client.Client`` both fit."""
 
     model_name: str
 

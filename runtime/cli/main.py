@@ -50,7 +50,7 @@ def llm_from_args(args: argparse.Namespace):
     if args.local:
         return LLM(args.model, dtype=args.dtype, num_threads=args.threads, sparsity=args.sparsity,
                    activation_sparsity=args.activation_sparsity)
-    from runtime.engine_config import EngineConfig
+    from runtime.config import EngineConfig
 
     return LLM(args.model, hot_fraction=args.hot_fraction if args.hot_fraction is not None
                else EngineConfig.load().hot_fraction, address=args.address, dtype=args.dtype,
@@ -74,7 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             llm._engine.trace(True)
         out = llm.generate([prompt], params)[0]
         if args.trace:
-            from runtime.trace import write_chrome_trace
+            from runtime.hybrid.trace import write_chrome_trace
 
             write_chrome_trace(llm._engine.trace(), args.trace)
             print(f"[trace of {len(out.token_ids)} steps written to {args.trace}]", file=sys.stderr)
@@ -97,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from runtime.engine_config import EngineConfig
+    from runtime.config import EngineConfig
 
     if args.detach and args.http:
         raise ValueError("--detach returns at once, so nothing would answer HTTP: use --http without --detach "
@@ -111,8 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         finally:
             llm.shutdown()
         return 0
-    from runtime.cluster import ensure_ray
-    from runtime.server import start_service, stop_service
+    from runtime.hybrid.cluster import ensure_ray
+    from runtime.serving.service import start_service, stop_service
 
     name = args.name or EngineConfig.load().engine_name
     owns_cluster = ensure_ray(args.address)
@@ -120,12 +120,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--detach needs a running cluster (start one with `ray start --head`); "
                          "without one the engine would die with this command")
     _, info = start_service(name, args.model, args.hot_fraction, args.dtype, _budget(args))
-    print(f"engine {name!r} serves {info['model']}; connect with runtime.client.connect(name={name!r})", flush=True)
+    print(f"engine {name!r} serves {info['model']}; connect with runtime.serving.client.connect(name={name!r})", flush=True)
     if args.detach:
         return 0
     try:
         if args.http:
-            from runtime.client import connect
+            from runtime.serving.client import connect
 
             _serve_http(connect(name=name), args)
         else:
@@ -141,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve_http(backend, args: argparse.Namespace) -> None:
     """The OpenAI-compatible API over ``backend`` until SIGINT/SIGTERM."""
-    from runtime.http_api import serve_http
+    from runtime.serving.http_api import serve_http
 
     try:
         serve_http(backend, args.host, args.port,
@@ -151,9 +151,9 @@ def _serve_http(backend, args: argparse.Namespace) -> None:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from runtime.cluster import ensure_ray
-    from runtime.engine_config import EngineConfig
-    from runtime.server import stop_service
+    from runtime.hybrid.cluster import ensure_ray
+    from runtime.config import EngineConfig
+    from runtime.serving.service import stop_service
 
     name = args.name or EngineConfig.load().engine_name
     ensure_ray(args.address)
@@ -169,9 +169,9 @@ def _dense_model(args: argparse.Namespace):
 
     import torch
 
-    from runtime.registry import default_model, resolve_model
-    from runtime.tokenizer import TextTokenizer
-    from runtime.weights import load_transformer
+    from runtime.model.registry import default_model, resolve_model
+    from runtime.model.tokenizer import TextTokenizer
+    from runtime.model.weights import load_transformer
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     model_dir = resolve_model(args.model or default_model())
@@ -187,7 +187,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from runtime.registry import default_model, resolve_model
+    from runtime.model.registry import default_model, resolve_model
     from runtime.sparsity import artifacts
     from runtime.sparsity.profile import calibrate
 
@@ -228,8 +228,8 @@ def _print_predictors(m: dict, per_layer: bool) -> None:
 
 
 def cmd_place(args: argparse.Namespace) -> int:
-    from runtime.config import ModelConfig
-    from runtime.registry import default_model, resolve_model
+    from runtime.model.config import ModelConfig
+    from runtime.model.registry import default_model, resolve_model
     from runtime.sparsity import artifacts
     from runtime.sparsity.modes import SparsityConfig
     from scheduler.placement import place_ilp, place_topk
@@ -278,7 +278,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from runtime.gguf_convert import convert_gguf
+    from runtime.model.gguf_convert import convert_gguf
 
     out = convert_gguf(args.gguf, args.out, dtype=args.dtype)
     print(f"wrote {out}")
@@ -287,7 +287,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from runtime.errors import MissingPackageDataError, ModelNotFoundError
-    from runtime.registry import LocalModel, load_registry, locate
+    from runtime.model.registry import LocalModel, load_registry, locate
 
     default, sources = load_registry()
     for name, src in sources.items():
@@ -308,7 +308,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from runtime.registry import download
+    from runtime.model.registry import download
 
     download(args.name)
     return 0
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run a named engine on the Ray cluster for clients",
                        description="Start the hybrid engine as a named, detached Ray actor; clients reach it "
-                                   "with runtime.client.connect(), and with --http over an OpenAI-compatible "
+                                   "with runtime.serving.client.connect(), and with --http over an OpenAI-compatible "
                                    "HTTP API. Blocks until Ctrl-C unless --detach.")
     p.add_argument("--name", default=None, help="engine actor name (default: configs/engine.yaml)")
     p.add_argument("--detach", action="store_true", help="return at once, leave the engine on the cluster")
@@ -403,8 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="registry model name")
     p.set_defaults(fn=cmd_download)
 
-    from runtime.batch_cli import add_parser as add_batch_parser
-    from runtime.evals.cli import add_parser as add_eval_parser
+    from runtime.cli.batch import add_parser as add_batch_parser
+    from runtime.cli.evaluate import add_parser as add_eval_parser
 
     add_batch_parser(sub)                         # pinfer batch
 

@@ -10,13 +10,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from runtime.cluster import RAY_ENV, cluster_has_gpu, ensure_ray
-from runtime.config import ModelConfig
+from runtime.hybrid.cluster import RAY_ENV, cluster_has_gpu, ensure_ray
+from runtime.model.config import ModelConfig
 from runtime.errors import EngineDeadError
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
 from runtime.sparsity.modes import SparsityConfig
-from runtime.streams import StreamChunk
+from runtime.core.handles import StreamChunk
 from scheduler.layer_scheduler import LayerEvent
 from scheduler.placement import LayerSplit, split_by_fraction
 

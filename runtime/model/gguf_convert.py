@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from runtime.config import ModelConfig
-from runtime.tokenizer import build_tokenizer_json
+from runtime.model.config import ModelConfig
+from runtime.model.tokenizer import build_tokenizer_json
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from runtime.errors import EngineDeadError
 from runtime.llm import expand_params
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
-from runtime.streams import StreamChunk
+from runtime.core.handles import StreamChunk
 
 logger = logging.getLogger(__name__)
 _pending_aborts: set[asyncio.Task[None]] = set()     # strong references to running _abort_first tasks
@@ -115,8 +115,8 @@ def connect(address: str = "auto", name: str | None = None) -> Client:
     """Attach to the cluster at ``address`` and to the engine actor ``name`` (configs/engine.yaml default)."""
     import ray
 
-    from runtime.cluster import NAMESPACE, ensure_ray
-    from runtime.engine_config import EngineConfig
+    from runtime.hybrid.cluster import NAMESPACE, ensure_ray
+    from runtime.config import EngineConfig
 
     name = name or EngineConfig.load().engine_name
     ensure_ray(address)

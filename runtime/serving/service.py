@@ -4,10 +4,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from runtime.hybrid import MAX_CALLERS
+from runtime.hybrid.driver import MAX_CALLERS
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
-from runtime.streams import StreamChunk
+from runtime.core.handles import StreamChunk
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def start_service(name: str, model: str | None, hot_fraction: float | None, dtyp
     """Create the detached engine actor ``name`` and wait until its model is loaded."""
     import ray
 
-    from runtime.cluster import NAMESPACE, RAY_ENV
+    from runtime.hybrid.cluster import NAMESPACE, RAY_ENV
 
     try:
         ray.get_actor(name, namespace=NAMESPACE)
@@ -72,7 +72,7 @@ def stop_service(name: str) -> bool:
     """Shut the named engine down (its executors and shared memory with it); False if none runs."""
     import ray
 
-    from runtime.cluster import NAMESPACE
+    from runtime.hybrid.cluster import NAMESPACE
 
     try:
         actor = ray.get_actor(name, namespace=NAMESPACE)

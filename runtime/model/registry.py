@@ -17,7 +17,7 @@ from runtime.errors import ChecksumMismatchError, MissingPackageDataError, Model
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(os.environ.get("PINFER_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+CONFIG_DIR = Path(os.environ.get("PINFER_CONFIG_DIR", Path(__file__).resolve().parents[2] / "configs"))
 CONVERTED_FORMAT = 1          # bump when the converted layout changes, to re-convert caches
 
 
@@ -158,7 +158,7 @@ def _verified_gguf(source: ModelSource) -> Path:
 
 
 def _converted(gguf: Path, key: str, sha256: str) -> Path:
-    from runtime.gguf_convert import convert_gguf
+    from runtime.model.gguf_convert import convert_gguf
 
     out = cache_dir() / "models" / key
     manifest = out / "pinfer_manifest.json"

@@ -50,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def default_output(model: str | None, prompt_format: str) -> Path:
-    from runtime.registry import default_model
+    from runtime.model.registry import default_model
 
     name = re.sub(r"[^\w.-]+", "_", Path(model or default_model()).name)
     return Path(f"humaneval-{name}-{prompt_format}.jsonl")

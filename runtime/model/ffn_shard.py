@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.config import ModelConfig
-from runtime.model import ACTIVATIONS, ffn_activations
-from runtime.sparsity.kernel import sparse_ffn
-from runtime.weights import Checkpoint
+from runtime.model.config import ModelConfig
+from runtime.model.transformer import ACTIVATIONS, ffn_activations
+from runtime.model.sparse_kernel import sparse_ffn
+from runtime.model.weights import Checkpoint
 
 MODES = ("dense", "gate", "predictor")
 

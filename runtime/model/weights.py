@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from runtime.config import ModelConfig
-from runtime.model import Transformer, rope_inv_freq
+from runtime.model.config import ModelConfig
+from runtime.model.transformer import Transformer, rope_inv_freq
 
 logger = logging.getLogger(__name__)
 

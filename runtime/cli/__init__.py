@@ -1,0 +1,1 @@
+"""The ``pinfer`` command line."""

@@ -1,0 +1,1 @@
+"""The request loop: validation, continuous batching, streaming handles, runners."""
