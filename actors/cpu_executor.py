@@ -1,41 +1,39 @@
 """CPU executor: the cold FFN neurons of every layer, served on a doorbell loop thread.
 
-Per message it reads the hidden rows from the shared arena, computes its partial FFN sum straight
-into the arena's ``y_cold`` rows and answers with the layer's start/end times.
+Per request it reads the hidden rows (and in predictor mode the mask) from the shared arena, computes
+its partial FFN sum straight into the arena's ``y_cold`` rows and answers with the layer's start/end times.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from runtime.model.ffn_shard import FFNShard
-from runtime.llm import parse_dtype
+from actors.endpoint import ControlEndpoint
+from runtime.config import EngineConfig
+from runtime.model.ffn_shard import FFNShard, ShardSpec
+from scheduler.channel import ArenaRef, LayerArena, serve_cold
 from scheduler.doorbell import DoorbellListener
-from scheduler.layer_scheduler import serve_cold
-from scheduler.shm import BufferSpec, SharedArena
 
 logger = logging.getLogger(__name__)
 
 
-class CPUExecutor:
-    def __init__(self, model_dir: str, cold_neurons: list[np.ndarray], dtype: str = "float32",
-                 num_threads: int = 1, mode: str = "dense", tau_gate: list[float] | None = None) -> None:
-        self.num_threads = num_threads
-        self.dtype = parse_dtype(dtype)
-        self.shard = FFNShard.load(Path(model_dir), cold_neurons, self.dtype, "cpu", mode, tau_gate, num_threads)
+class CPUExecutor(ControlEndpoint):
+    def __init__(self, config: EngineConfig, model_dir: str, spec: ShardSpec) -> None:
+        self.num_threads = config.cpu_threads
+        self.dtype = getattr(torch, config.dtype)
+        self.shard = FFNShard.load(model_dir, spec.neurons, self.dtype, "cpu", config.sparsity, spec.tau_gate,
+                                   self.num_threads)
         self._listener: DoorbellListener | None = None
-        self._arena: SharedArena | None = None
+        self._arena: LayerArena | None = None
         self._thread: threading.Thread | None = None
         logger.info("CPU executor: %.1f MB of cold neurons", self.shard.nbytes() / 1e6)
 
-    def attach(self, arena_name: str, specs: list[BufferSpec]) -> str:
-        """Map the scheduler's arena and start serving; returns the doorbell socket path to connect to."""
-        self._arena = SharedArena(specs, name=arena_name)
+    def attach(self, arena: ArenaRef) -> str:
+        """Map the hot side's arena and start serving; returns the doorbell socket path to connect to."""
+        self._arena = LayerArena(arena.layout, name=arena.name)
         self._listener = DoorbellListener()
         self._thread = threading.Thread(target=self._serve, name="cpu-executor-loop", daemon=True)
         self._thread.start()
@@ -46,9 +44,8 @@ class CPUExecutor:
 
     def _serve(self) -> None:
         torch.set_num_threads(self.num_threads)        # per thread under OpenMP: set it in the loop thread
-        x = torch.from_numpy(self._arena["x"])
-        y = torch.from_numpy(self._arena["y_cold"])
-        mask = torch.from_numpy(self._arena["mask"]) if self.shard.mode == "predictor" else None
+        x, y = torch.from_numpy(self._arena.x), torch.from_numpy(self._arena.y_cold)
+        mask = torch.from_numpy(self._arena.mask) if self.shard.mode == "predictor" else None
 
         def cold_ffn(layer: int, n: int) -> None:
             rows = None if mask is None else mask[:n]

@@ -12,13 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import quiet_logs  # noqa: E402
+from _common import quiet_logs
 
 TASKS = ["checks whether a number is prime", "reverses a linked list", "merges two sorted lists",
          "computes the n-th Fibonacci number", "parses a CSV line", "flattens a nested list",
@@ -75,7 +72,7 @@ def main() -> None:
         "bench": "continuous_batching", "model": args.model, "dtype": args.dtype, "engine": engine,
         "new_tokens": args.tokens, "runs": args.runs,
         "threads": ({"in_process": torch.get_num_threads()} if args.local else
-                    {"gpu_executor": llm._engine.gpu_threads, "cpu_executor": llm._engine.cpu_threads}),
+                    {"gpu_executor": llm.config.gpu_threads, "cpu_executor": llm.config.cpu_threads}),
         "decode_tok_s": {str(b): round(v, 2) for b, v in med.items()},
         "ratio_to_batch_1": {str(b): round(v / base, 2) for b, v in med.items()},
         "end_to_end_tok_s": {str(b): round(statistics.median(v), 2) for b, v in e2e.items()},

@@ -5,9 +5,9 @@ per-layer work does nothing, so what is timed is pure coordination cost:
 
 1. plain Ray actor calls: the driver does ``ray.get([gpu.ffn.remote(l), cpu.ffn.remote(l)])``;
 2. a Ray Compiled Graph (``MultiOutputNode`` of both actors, ``ray.get(compiled.execute(l))``);
-3. pinfer's channel: the ``LayerScheduler`` runs inside the GPU-executor actor (hot work is local),
-   writes one hidden row (float32, ``--hidden``) into the shared arena and rings the cold executor
-   over the AF_UNIX SEQPACKET doorbell; timed inside that actor.
+3. pinfer's channel: the ``LayerScheduler`` hop runs inside the GPU-executor actor (hot work is local
+   and empty): it writes one hidden row (float32, ``--hidden``) into the shared arena, rings the cold
+   executor over the AF_UNIX SEQPACKET doorbell, waits, and adds the cold row; timed inside that actor.
 
 Mechanisms 1-2 are timed per iteration in the driver and carry only the layer index. Rounds
 interleave the mechanisms; warm-up iterations are excluded. The compiled graph is compiled and torn
@@ -22,20 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import quiet_logs  # noqa: E402
+from _common import quiet_logs
 
-from scheduler.doorbell import Doorbell, DoorbellListener  # noqa: E402
-from scheduler.layer_scheduler import LayerScheduler, serve_cold  # noqa: E402
-from scheduler.shm import BufferSpec, SharedArena  # noqa: E402
+from scheduler.channel import ArenaLayout, ArenaRef, ColdChannel, LayerArena, serve_cold
+from scheduler.doorbell import Doorbell, DoorbellListener
+from scheduler.layer_scheduler import ArenaViews, LayerScheduler
 
 N_LAYERS = 24                    # qwen2.5-coder-0.5b
 TARGET_US = 50.0
@@ -49,10 +46,11 @@ class Echo:
 
 
 class EchoColdPeer:
-    """The CPU-executor role of mechanism 3: answers every FFN message through serve_cold, as CPUExecutor does, with no work."""
+    """The CPU-executor role of mechanism 3: answers every FFN request through serve_cold, as CPUExecutor does,
+    with no work."""
 
-    def attach(self, arena_name: str, specs: list[BufferSpec]) -> str:
-        self._arena = SharedArena(specs, name=arena_name)
+    def attach(self, arena: ArenaRef) -> str:
+        self._arena = LayerArena(arena.layout, name=arena.name)
         self._listener = DoorbellListener()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -68,31 +66,35 @@ class EchoColdPeer:
 
 
 class SchedulerHost:
-    """The GPU-executor role of mechanism 3: owns the arena and runs the LayerScheduler in-process."""
+    """The GPU-executor role of mechanism 3: owns the arena and runs the real LayerScheduler hop in-process,
+    with empty hot work (write x, ring, hot, wait, gather + add)."""
 
-    def __init__(self, hidden: int, rows: int = 1) -> None:
-        self.arena = SharedArena([BufferSpec("x", (rows, hidden), "float32"),
-                                  BufferSpec("y_cold", (rows, hidden), "float32")])
-        self.row = np.random.default_rng(0).standard_normal(hidden).astype(np.float32)
+    def __init__(self, hidden: int) -> None:
+        import torch
+
+        self.arena = LayerArena(ArenaLayout(max_rows=1, hidden_size=hidden, num_neurons=1))
+        self.views = ArenaViews(*(torch.from_numpy(a) for a in (self.arena.x, self.arena.y_cold, self.arena.mask)),
+                                device=torch.device("cpu"), dtype=torch.float32)
+        self.row = torch.from_numpy(np.random.default_rng(0).standard_normal((1, hidden)).astype(np.float32))
         self.scheduler: LayerScheduler | None = None
 
-    def arena_info(self) -> tuple[str, list[BufferSpec]]:
-        return self.arena.name, self.arena.specs
+    def arena_ref(self) -> ArenaRef:
+        return self.arena.ref()
 
     def connect(self, path: str) -> None:
-        self.scheduler = LayerScheduler(Doorbell.connect(path))
-        self.scheduler.ping()
+        channel = ColdChannel(Doorbell.connect(path))
+        channel.ping()
+        every = [True] * N_LAYERS
+        self.scheduler = LayerScheduler(channel, self.views, lambda layer, h, mask: h, None, every, every)
 
     def measure(self, n_iters: int, n_layers: int) -> list[float]:
-        """Per-layer latency (us) of ``n_iters`` layer round trips: write x, ring, run empty hot, gather."""
+        """Per-layer latency (us) of ``n_iters`` layer round trips."""
         assert self.scheduler is not None, "connect() first"
-        x, row, run_layer, clock = self.arena["x"], self.row, self.scheduler.run_layer, time.perf_counter_ns
-        hot: Callable[[], None] = lambda: None
+        row, ffn, clock = self.row, self.scheduler.ffn, time.perf_counter_ns
         out = []
         for i in range(n_iters):
             t0 = clock()
-            x[0] = row
-            run_layer(i % n_layers, 1, hot)
+            ffn(i % n_layers, row)
             out.append((clock() - t0) / 1e3)
         return out
 
@@ -144,8 +146,9 @@ def main() -> None:
     try:
         ray_gpu, ray_cpu, cg_gpu, cg_cpu = (actor(Echo).remote() for _ in range(4))
         host, peer = actor(SchedulerHost).remote(args.hidden), actor(EchoColdPeer).remote()
-        arena_name, specs = ray.get(host.arena_info.remote())
-        ray.get(host.connect.remote(ray.get(peer.attach.remote(arena_name, specs))))
+        arena = ray.get(host.arena_ref.remote())
+        arena_name = arena.name
+        ray.get(host.connect.remote(ray.get(peer.attach.remote(arena))))
 
         def compiled_graph(n: int) -> list[float]:
             # Compiled-graph actors busy-poll their channels (a full core each, even idle), so the graph

@@ -13,12 +13,9 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import hf_model_for, quiet_logs  # noqa: E402
+from _common import hf_model_for, quiet_logs
 
 PROMPT = "Write a Python function that checks whether a number is prime."
 

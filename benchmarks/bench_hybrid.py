@@ -13,12 +13,9 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import quiet_logs  # noqa: E402
+from _common import quiet_logs
 
 PROMPT = "Write a Python function that checks whether a number is prime."
 
@@ -64,8 +61,8 @@ def main() -> None:
     result = {
         "bench": "hybrid_decode", "model": args.model, "dtype": args.dtype, "new_tokens": args.tokens,
         "runs": args.runs, "dense_threads": threads,
-        "hybrid_threads": {"gpu_executor": hybrids[fractions[0]]._engine.gpu_threads,
-                           "cpu_executor": hybrids[fractions[0]]._engine.cpu_threads},
+        "hybrid_threads": {"gpu_executor": hybrids[fractions[0]].config.gpu_threads,
+                           "cpu_executor": hybrids[fractions[0]].config.cpu_threads},
         "dense_tok_s": round(med["dense"], 2),
         "hybrid_tok_s": {k: round(v, 2) for k, v in med.items() if k != "dense"},
         "ratio": {k: round(v / med["dense"], 3) for k, v in med.items() if k != "dense"},

@@ -13,12 +13,9 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import quiet_logs  # noqa: E402
+from _common import quiet_logs
 
 DENSITIES = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
 TARGETS = {0.2: 0.30, 0.5: 0.60}

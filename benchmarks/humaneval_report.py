@@ -12,12 +12,10 @@ import argparse
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import quiet_logs  # noqa: E402
+from _common import quiet_logs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = re.compile(r"^(?P<mode>dense|gate|predictor)-s(?P<s>\d+)(?:-hot(?P<h>\d+))?$")

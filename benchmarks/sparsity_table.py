@@ -18,11 +18,9 @@ import math
 import re
 import os
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import quiet_logs  # noqa: E402
+from _common import quiet_logs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Write a Python function that parses an ISO 8601 date string and returns a datetime."
@@ -41,11 +39,16 @@ def main() -> None:
     args = ap.parse_args()
     quiet_logs()
 
+    import numpy as np
     import torch
     from tqdm import tqdm
 
     from runtime import LLM, SamplingParams
+    from runtime.core.engine import Engine
+    from runtime.core.runners import SparseRunner
+    from runtime.model.ffn_shard import FFNShard
     from runtime.model.transformer import ffn_activations
+    from runtime.model.weights import load_transformer
     from runtime.sparsity import artifacts
     from runtime.sparsity.corpus import sample_windows
     from runtime.sparsity.predictor import predictor_report
@@ -60,45 +63,54 @@ def main() -> None:
     ref_ids = ref.prompt_token_ids + ref.token_ids
     decode = SamplingParams(max_tokens=args.decode_tokens, temperature=0.0, ignore_eos=True)
 
-    def reset_counts(llm: LLM) -> None:
-        shard = getattr(llm._engine.runner, "shard", None)
-        if shard is not None:
-            shard.num_computed = shard.num_offered = 0
-
     def quality(llm: LLM) -> tuple[float, float]:
         nll, count = 0.0, 0
         for ids in windows:
-            logp = torch.log_softmax(llm._engine.token_logits(ids)[:-1], -1)
+            logp = torch.log_softmax(llm.token_logits(ids)[:-1], -1)
             nll -= logp.gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
             count += len(ids) - 1
-        pred = llm._engine.token_logits(ref_ids)[len(ref.prompt_token_ids) - 1:-1].argmax(-1)
+        pred = llm.token_logits(ref_ids)[len(ref.prompt_token_ids) - 1:-1].argmax(-1)
         agreement = (pred == torch.tensor(ref.token_ids)).float().mean().item()
         return math.exp(nll / count), agreement
 
     def speed(llm: LLM) -> float:
         return (args.decode_tokens - 1) / llm.generate([prompt], decode)[0].metrics["decode_s"]
 
-    def oracle(s: float) -> LLM:
-        """The predictor engine with the exact mask |a_j| > tau_act (computed densely from the dense model)."""
-        llm = LLM(args.model, num_threads=threads, sparsity="predictor", activation_sparsity=s)
-        tau = artifacts.load(llm.model_dir, calibration_name(s), "")[0]["tau_act"]
-        ffns = [block.ffn for block in dense._engine.runner.model.layers]
-        llm._engine.runner.mask_fn = lambda i, x: (ffn_activations(x, ffns[i].w_gate_up_t, ffns[i].act).abs()
-                                                   > float(tau[i]))
-        return llm
+    full_ffns = [block.ffn for block in load_transformer(dense.model_dir).layers] if "oracle" in args.modes else []
+
+    class Oracle:
+        """The predictor-mode engine with the exact mask |a_j| > tau_act (computed densely from the FFN weights)."""
+
+        def __init__(self, s: float) -> None:
+            tau = artifacts.load(dense.model_dir, calibration_name(s), "")[0]["tau_act"]
+            model = load_transformer(dense.model_dir, with_ffn=False)
+            every = [np.arange(model.cfg.intermediate_size)] * model.cfg.num_hidden_layers
+            self.shard = FFNShard.load(dense.model_dir, every, torch.float32, mode="predictor", num_threads=threads)
+            mask = lambda i, x: ffn_activations(x, full_ffns[i].w_gate_up_t, full_ffns[i].act).abs() > float(tau[i])  # noqa: E731
+            self.engine = Engine(SparseRunner(model, self.shard, mask), dense.tokenizer, dense.config)
+            self.model_dir, self.token_logits, self.shutdown = dense.model_dir, self.engine.token_logits, self.engine.shutdown
+
+        def generate(self, prompts: list[str], params: SamplingParams):
+            return self.engine.generate(prompts, [params] * len(prompts))
+
+        def achieved_sparsity(self, reset: bool = False) -> float:
+            share = 1 - self.shard.num_computed / self.shard.num_offered
+            if reset:
+                self.shard.num_computed = self.shard.num_offered = 0
+            return share
 
     points = [("dense", 0.0)] + [(m, s) for m in args.modes for s in args.sparsities]
     rows = []
     for mode, s in tqdm(points, desc="sparsity points", unit="point"):
         try:
-            llm = (dense if mode == "dense" else oracle(s) if mode == "oracle"
+            llm = (dense if mode == "dense" else Oracle(s) if mode == "oracle"
                    else LLM(args.model, num_threads=threads, sparsity=mode, activation_sparsity=s))
         except artifacts.MissingArtifactError:
             rows.append({"mode": mode, "target": s,
                          "missing": f"no {mode} results at this sparsity (`pinfer prepare --sparsity {s}`)"})
             continue
         ppl, agree = quality(llm)
-        reset_counts(llm)
+        llm.achieved_sparsity(reset=True)
         tok_s, dense_tok_s = [], []
         for _ in range(1 if mode == "oracle" else args.runs):   # alternate with dense: ratios from the same moments
             tok_s.append(speed(llm))

@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import quiet_logs  # noqa: E402
+from _common import quiet_logs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "humaneval"
 logger = logging.getLogger("threshold_sweep")
@@ -82,12 +80,11 @@ def main() -> None:
     quiet_logs()
     logging.getLogger("threshold_sweep").setLevel(logging.INFO)
 
+    from runtime import EngineConfig
     from runtime.evals.harness import EvalConfig, run_humaneval
-    import torch
-
     from runtime.model.registry import resolve_model
     from runtime.sparsity.artifacts import MissingArtifactError
-    from runtime.sparsity.modes import SparsityConfig
+    from runtime.sparsity.online import artifacts_digest
 
     grid = points(args.models.split(","), args.kinds.split(","), [float(s) for s in args.sparsities.split(",")],
                   [float(h) for h in args.hot_fractions.split(",")], args.hot_mode, args.hot_sparsity)
@@ -100,21 +97,20 @@ def main() -> None:
         if args.budget_minutes is not None and time.perf_counter() - t0 > args.budget_minutes * 60:
             logger.info("time budget spent; rerun to go on")
             break
-        cfg = EvalConfig(output=output_path(args.out, args.format, args.dtype, p), model=p.model, prompt_format=args.format,
+        engine = EngineConfig.resolve(model=p.model, dtype=args.dtype, sparsity=p.mode, activation_sparsity=p.sparsity,
+                                      hot_fraction=args.gpu_share if p.hot_fraction is None else p.hot_fraction)
+        cfg = EvalConfig(output=output_path(args.out, args.format, args.dtype, p), engine=engine,
+                         prompt_format=args.format,
                          limit=args.hot_limit if p.hot_fraction is not None and args.hot_limit else args.limit,
-                         max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=args.dtype, sparsity=p.mode,
-                         activation_sparsity=p.sparsity,
-                         hot_fraction=args.gpu_share if p.hot_fraction is None else p.hot_fraction)
+                         max_tokens=args.max_tokens, batch_size=args.batch_size)
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
         logger.info("point %s / %s", p.model, p.name)
-        try:
-            sc, model_dir = SparsityConfig(p.mode, p.sparsity), resolve_model(p.model)
-            sc.tau_gate(model_dir)                               # load what the mode needs, or say it is missing
-            sc.mask_fn(model_dir, torch.float32)
+        try:                                     # a mode whose offline results are missing is skipped
+            artifacts_digest(resolve_model(p.model), engine)
+            summary = run_humaneval(cfg)
         except MissingArtifactError as e:
             logger.warning("skipping %s %s: %s", p.model, p.name, e)
             continue
-        summary = run_humaneval(cfg)
         done.append({"model": p.model, "point": p.name, "pass@1": summary["pass@1"],
                      "num_problems": summary["num_problems"], "wall_s": summary["wall_s"]})
         print(json.dumps(done[-1]), flush=True)

@@ -1,171 +1,125 @@
 """The public entry point: ``LLM(model).generate(prompts, SamplingParams(...))``."""
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import aclosing
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from runtime.model.config import ModelConfig
-from runtime.core.engine import DenseRunner, Engine
+from runtime.api import EngineClientBase
 from runtime.config import EngineConfig
-from runtime.outputs import RequestOutput
+from runtime.core.engine import Engine
+from runtime.core.runners import build_runner
+from runtime.core.sequence import eos_token_ids
+from runtime.model.config import ModelConfig
 from runtime.model.registry import default_model, resolve_model
-from runtime.sampling import SamplingParams
-from runtime.sparsity.modes import SparseRunner, SparsityConfig
-from runtime.core.handles import StreamChunk
 from runtime.model.tokenizer import TextTokenizer
-from runtime.model.weights import load_transformer
+from runtime.outputs import EngineStats, RequestOutput
+from runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from runtime.hybrid.driver import HybridEngine
+    from scheduler.layer_scheduler import LayerEvent
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
-
-def expand_params(params: SamplingParams | list[SamplingParams] | None, n: int) -> list[SamplingParams]:
-    """One SamplingParams per prompt: a list as given (same length), else the one (or default) repeated."""
-    params = params or SamplingParams()
-    plist = list(params) if isinstance(params, list) else [params] * n
-    if len(plist) != n:
-        raise ValueError(f"{n} prompts but {len(plist)} sampling params")
-    return plist
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
-
-
-class LLM:
+class LLM(EngineClientBase):
     """A loaded model that generates text.
 
     ``model`` is a registry name (``pinfer models`` lists them), a model directory (pinfer or Hugging
-    Face safetensors layout) or a ``.gguf`` file; ``None`` takes the registry default.
+    Face safetensors layout) or a ``.gguf`` file; ``None`` takes the registry default. Every other
+    option is an ``EngineConfig`` field, given as ``config`` and/or as keywords (which win), on top of
+    ``configs/engine.yaml``: e.g. ``LLM("qwen2.5-coder-0.5b", hot_fraction=0.3, dtype="bfloat16")``.
 
-    With ``hot_fraction`` or ``address`` set, the model runs on the hybrid Ray runtime: a GPU executor
-    holding ``hot_fraction`` of every layer's FFN neurons and a CPU executor holding the rest, on the
-    cluster at ``address`` (``"auto"``: the local ``ray start`` cluster) or an embedded one. Otherwise
-    it runs in this process on the dense reference engine.
+    With ``is_hybrid`` (implied by ``hot_fraction``, ``address``, ``placement``, ``memory_budget_mb``...)
+    the model runs on the hybrid Ray runtime: a GPU executor holding the hot FFN neurons of every layer
+    and a CPU executor holding the rest, on the cluster at ``address`` or an embedded one. Otherwise it
+    runs in this process.
     """
 
-    def __init__(self, model: str | None = None, *, hot_fraction: float | None = None, address: str | None = None,
-                 dtype: str | torch.dtype | None = None, num_threads: int | None = None,
-                 max_model_len: int | None = None, max_batch_size: int | None = None,
-                 memory_budget_bytes: int | None = None, sparsity: str = "dense",
-                 activation_sparsity: float = 0.0) -> None:
-        defaults = EngineConfig.load()                    # configs/engine.yaml fills what is not given
-        self.model_name = model or default_model()
-        self.model_dir = resolve_model(self.model_name)
-        self.dtype = parse_dtype(dtype or defaults.dtype)
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **options: Any) -> None:
+        config = EngineConfig.resolve(config, model=model, **options)
+        name = config.model or default_model()
+        self.model_dir = resolve_model(name)
+        model_cfg = ModelConfig.load(self.model_dir)
+        self.config = config.for_model(name, model_cfg.max_position_embeddings)    # resolved once, passed down
         self.tokenizer = TextTokenizer(self.model_dir)
-        limit = ModelConfig.load(self.model_dir).max_position_embeddings
-        self.max_model_len: int = min(max_model_len or defaults.max_model_len or limit, limit)
-        max_model_len = self.max_model_len
-        max_batch_size = max_batch_size or defaults.max_batch_size
-        self.sparsity = SparsityConfig(sparsity, activation_sparsity)
-        self.is_hybrid = hot_fraction is not None or address is not None
-        if self.is_hybrid:
+        self.eos_token_ids = eos_token_ids(model_cfg, self.tokenizer)
+        if self.config.is_hybrid:
             from runtime.hybrid.driver import HybridEngine
 
-            self._engine: Engine | HybridEngine | None = HybridEngine(
-                self.model_dir, hot_fraction=defaults.hot_fraction if hot_fraction is None else hot_fraction,
-                dtype=str(self.dtype).removeprefix("torch."), address=address,
-                memory_budget_bytes=memory_budget_bytes or defaults.memory_budget_bytes,
-                max_batch_size=max_batch_size, max_model_len=max_model_len, sparsity=self.sparsity)
+            self._engine: Engine | HybridEngine | None = HybridEngine(self.config, self.model_dir)
         else:
-            threads = num_threads or os.cpu_count() or 1
-            torch.set_num_threads(threads)
-            self._engine = Engine(self._local_runner(threads), self.tokenizer, max_model_len, max_batch_size)
+            torch.set_num_threads(self.config.num_threads)
+            self._engine = Engine(build_runner(self.config, self.model_dir), self.tokenizer, self.config)
 
-    def _local_runner(self, threads: int) -> DenseRunner | SparseRunner:
-        if self.sparsity.mode == "dense":
-            return DenseRunner(load_transformer(self.model_dir, self.dtype))
-        from runtime.model.ffn_shard import FFNShard
+    @property
+    def model_name(self) -> str:
+        return self.config.model
 
-        model = load_transformer(self.model_dir, self.dtype, with_ffn=False)
-        every = [np.arange(model.cfg.intermediate_size)] * model.cfg.num_hidden_layers
-        shard = FFNShard.load(self.model_dir, every, self.dtype, mode=self.sparsity.mode,
-                              tau_gate=self.sparsity.tau_gate(self.model_dir), num_threads=threads)
-        return SparseRunner(model, shard, self.sparsity.mask_fn(self.model_dir, self.dtype))
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
 
-    def achieved_sparsity(self) -> float | None:
-        """Share of offered FFN neurons skipped so far (in-process sparse engines only)."""
-        runner = getattr(self._engine, "runner", None)
-        shard = getattr(runner, "shard", None)
-        return None if shard is None or not shard.num_offered else 1 - shard.num_computed / shard.num_offered
-
-    def generate(self, prompts: str | list[str],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Complete each prompt; one output per prompt, in order. Safe to call from many threads at once:
-        concurrent requests are batched together."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return self._live().generate(prompts, expand_params(params, len(prompts)))
-
-    async def agenerate(self, prompt: str, params: SamplingParams | None = None) -> RequestOutput:
-        """``generate`` for one prompt, awaitable; cancelling the awaiting task cancels the request."""
-        engine = self._live()
-        if self.is_hybrid:
-            return await engine.agenerate(prompt, params or SamplingParams())
-        return await asyncio.wrap_future(engine.submit(prompt, params or SamplingParams()).future)
-
-    def stream(self, prompt: str, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
-        """Yield ``StreamChunk``s (new text, new token ids) as tokens arrive; the last one has ``finished``
-        and the whole ``output``. Leaving the loop early cancels the request."""
-        return self._live().stream(prompt, params or SamplingParams())
-
-    async def astream(self, prompt: str, params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
-        """``stream`` for an asyncio event loop (which never blocks on the engine); closing it early (or
-        cancelling the iterating task) cancels the request."""
-        engine, params = self._live(), params or SamplingParams()
-        if isinstance(engine, Engine):
-            handle = engine.submit(prompt, params, stream=True)      # validates here: errors raise at once
-            async with aclosing(_iterate_in_thread(iter(handle), handle.cancel)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-            return
-        request_ids: list[str] = []                                  # the id, once a chunk names it
-
-        def cancel() -> None:
-            if request_ids:
-                self.abort(request_ids[0])
-
-        async with aclosing(_iterate_in_thread(engine.stream(prompt, params), cancel)) as chunks:
-            async for chunk in chunks:
-                request_ids[:] = [chunk.request_id]
-                yield chunk
+    def _requests(self) -> Engine | HybridEngine:
+        if self._engine is None:
+            raise RuntimeError("this LLM was shut down")
+        return self._engine
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """The prompt for a conversation under the model's chat template (generation prompt appended)."""
         return self.tokenizer.apply_chat_template(messages)
 
-    def abort(self, request_id: str) -> None:
-        """Cancel a running or waiting request by id (its result ends with finish_reason "abort")."""
-        self._live().abort(request_id)
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
+        """Answer one conversation (``[{"role": "user", "content": ...}, ...]``) through the chat template."""
+        return self.generate(self.apply_chat_template(messages), params)[0]
 
     def prompt_logits(self, prompt: str) -> torch.Tensor:
         """fp32 next-token logits [V] after ``prompt``."""
-        return self._live().prompt_logits(prompt)
+        return self._requests().prompt_logits(prompt)
 
-    def _live(self) -> Engine | HybridEngine:
-        if self._engine is None:
-            raise RuntimeError("this LLM was shut down")
-        return self._engine
+    def token_logits(self, ids: list[int]) -> torch.Tensor:
+        """fp32 logits [T, V] at every position of the token ids ``ids`` (teacher forcing, fresh cache)."""
+        return self._requests().token_logits(ids)
 
-    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
-        """Answer one conversation (``[{"role": "user", "content": ...}, ...]``) through the chat template."""
-        return self.generate(self.tokenizer.apply_chat_template(messages), params)[0]
+    def stats(self) -> EngineStats:
+        """Requests waiting and running now, finished and aborted so far, the KV cache's length."""
+        return self._requests().stats()
+
+    def achieved_sparsity(self, reset: bool = False) -> float | None:
+        """Share of offered FFN neurons skipped so far (in-process sparse engines; None otherwise); ``reset``
+        starts counting anew afterwards."""
+        shard = getattr(getattr(self._requests(), "runner", None), "shard", None)
+        if shard is None:
+            return None
+        share = 1 - shard.num_computed / shard.num_offered if shard.num_offered else None
+        if reset:
+            shard.num_computed = shard.num_offered = 0
+        return share
+
+    # ---- the hybrid runtime's own ---------------------------------------------------------------------
+    def start_trace(self) -> None:
+        """Record per-layer hot/cold timings from now on (``trace_events`` returns them)."""
+        self._hybrid().set_tracing(True)
+
+    def trace_events(self) -> list[LayerEvent]:
+        return self._hybrid().trace_events()
+
+    def hot_neurons(self) -> list[np.ndarray]:
+        """Per layer, the neuron ids the GPU executor holds (as it reports them)."""
+        return self._hybrid().hot_neurons()
+
+    def executor_pids(self) -> dict[str, int]:
+        """Process ids of the GPU and CPU executors."""
+        return self._hybrid().executor_pids()
+
+    def _hybrid(self) -> HybridEngine:
+        engine = self._requests()
+        if isinstance(engine, Engine):
+            raise RuntimeError("this needs the hybrid runtime (LLM(..., is_hybrid=True) or a hot_fraction)")
+        return engine
 
     def shutdown(self) -> None:
         """Release the engine; on the hybrid runtime: shared memory, sockets, actors (and an embedded cluster)."""
@@ -178,45 +132,3 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-async def _iterate_in_thread(chunks: Iterator[StreamChunk], cancel: Callable[[], None]) -> AsyncIterator[StreamChunk]:
-    """Iterate a blocking chunk iterator on a helper thread, handing chunks to the event loop. When the
-    consumer stops early, ``cancel`` makes the engine finish the request, which ends the thread."""
-    loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[StreamChunk | BaseException | None] = asyncio.Queue()     # None: no more chunks
-    stopped = threading.Event()
-
-    def put(item: StreamChunk | BaseException | None) -> None:
-        try:
-            loop.call_soon_threadsafe(inbox.put_nowait, item)
-        except RuntimeError:                    # the event loop is closed: nobody is listening any more
-            stopped.set()
-
-    def pump() -> None:
-        try:
-            for chunk in chunks:
-                put(chunk)
-                if stopped.is_set():            # the consumer left: closing the iterator cancels the request
-                    break
-        except BaseException as e:              # raised on the consumer's side
-            put(e)
-        finally:
-            getattr(chunks, "close", lambda: None)()
-            put(None)
-
-    threading.Thread(target=pump, name="pinfer-astream", daemon=True).start()
-    finished = False
-    try:
-        while (item := await inbox.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            finished = item.finished
-            yield item
-    finally:
-        if not finished:
-            stopped.set()
-            try:
-                cancel()
-            except Exception as e:              # the engine is already gone: nothing left to cancel
-                logger.debug("cancelling a stream failed: %s", e)

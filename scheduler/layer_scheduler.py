@@ -1,26 +1,25 @@
-"""Layer scheduler: per layer, ring the cold executor, run the hot work meanwhile, gather, and time both.
+"""Layer scheduler: the whole per-layer hop of the hybrid runtime, on one page.
 
-Pure Python (no torch, no Ray): the work itself is a callable, the data sits in the shared arena.
-It runs in the GPU executor's process so a layer costs one cross-process round trip.
+It runs in the GPU executor's process. Per FFN layer it broadcasts the input rows and the predictor's
+mask (written once into the shared arena), rings the cold executor, computes the hot partial meanwhile,
+waits for the cold answer and gathers the cold partial from the arena without a copy. It imports neither
+torch nor Ray: tensors arrive from the executor and are only sliced, copied into and added here.
 """
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from scheduler.doorbell import Doorbell, DoorbellClosed
+from scheduler.channel import ColdChannel
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from torch import Tensor
 
-# Messages: request [op, seq, layer, n_rows]; reply [seq, status, start_ns, end_ns, error].
-OP_STOP, OP_FFN, OP_PING = 0, 1, 2
-STATUS_OK, STATUS_ERROR = 0, 1
-
-
-class ColdExecutorError(RuntimeError):
-    """The cold executor died, timed out, or failed on a layer."""
+# (layer, h [N, d], mask [N, n_ff] | None) -> this side's partial FFN sum [N, d]
+HotWork = Callable[[int, "Tensor", "Tensor | None"], "Tensor"]
+MaskFn = Callable[[int, "Tensor"], "Tensor"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -33,80 +32,59 @@ class LayerEvent:
     end_ns: int
 
 
+@dataclass(slots=True)
+class ArenaViews:
+    """The hot side's tensors over the arena (``LayerArena`` fields), and where its own work happens."""
+
+    x: "Tensor"             # [rows, d] fp32 input rows, read by the cold side
+    y_cold: "Tensor"        # [rows, d] fp32 cold partial, written by the cold side
+    mask: "Tensor"          # [rows, n_ff] bool predictor output, read by the cold side
+    device: Any             # the hot side's torch device
+    dtype: Any              # the hot side's torch dtype
+
+
 class LayerScheduler:
-    def __init__(self, cold: Doorbell, timeout_s: float = 60.0) -> None:
-        self.cold = cold
-        self.cold.settimeout(timeout_s)
-        self._seq = 0
+    """Joins the two executors per layer. ``has_hot[l]`` / ``has_cold[l]``: whether each side holds any of
+    layer l's neurons (a side with none is skipped: no message, no work)."""
+
+    def __init__(self, channel: ColdChannel, arena: ArenaViews, hot: HotWork, predictor: MaskFn | None,
+                 has_hot: list[bool], has_cold: list[bool]) -> None:
+        self.channel, self.arena, self.hot, self.predictor = channel, arena, hot, predictor
+        self.has_hot, self.has_cold = has_hot, has_cold
+        self.max_rows = arena.x.shape[0]
         self.is_tracing = False
         self.events: list[LayerEvent] = []
 
-    def run_layer(self, layer: int, n_rows: int, hot: Callable[[], None], has_cold: bool = True) -> None:
-        """Dispatch the cold half of ``layer`` over ``n_rows`` arena rows, run ``hot()`` meanwhile, wait."""
-        self._seq += 1
-        seq = self._seq
-        if has_cold:
-            try:
-                self.cold.send(OP_FFN, seq, layer, n_rows)
-            except DoorbellClosed as e:
-                raise ColdExecutorError(f"cold executor unreachable at layer {layer}: {e}") from e
+    def ffn(self, layer: int, h: "Tensor") -> "Tensor":
+        """h [N, d] (normed hidden) -> FFN output [N, d] = hot partial + cold partial."""
+        if h.shape[0] > self.max_rows:                       # a long prefill goes through in arena-sized chunks
+            out = h.new_empty(h.shape)
+            for start in range(0, h.shape[0], self.max_rows):
+                out[start:start + self.max_rows] = self.ffn(layer, h[start:start + self.max_rows])
+            return out
+        n, a = h.shape[0], self.arena
+        mask = None if self.predictor is None else self.predictor(layer, h)        # [N, n_ff] bool
+        seq = None
+        if self.has_cold[layer]:
+            a.x[:n].copy_(h)                                 # broadcast: written once (D2H on CUDA)
+            if mask is not None:
+                a.mask[:n].copy_(mask)
+            seq = self.channel.request(layer, n)             # ring the cold executor
         t0 = time.perf_counter_ns()
-        hot()
+        y_hot = self.hot(layer, h, mask) if self.has_hot[layer] else None          # the hot partial, meanwhile
         t1 = time.perf_counter_ns()
-        if self.is_tracing:
-            self.events.append(LayerEvent(layer, "hot", t0, t1))
-        if not has_cold:
-            return
-        reply = self._wait(layer)
-        if reply[0] != seq:
-            raise ColdExecutorError(f"cold executor answered seq {reply[0]} for seq {seq} (layer {layer})")
-        if reply[1] != STATUS_OK:
-            raise ColdExecutorError(f"cold executor failed on layer {layer}: {reply[4]}")
-        if self.is_tracing:
-            self.events.append(LayerEvent(layer, "cold", reply[2], reply[3]))
+        if seq is None:
+            self._trace(layer, "hot", t0, t1)
+            return y_hot
+        reply = self.channel.wait(seq, layer)                # the cold partial is in the arena now
+        self._trace(layer, "hot", t0, t1)
+        self._trace(layer, "cold", reply.start_ns, reply.end_ns)
+        y_cold = a.y_cold[:n].to(a.device, non_blocking=True).to(a.dtype)          # gather: no copy on the CPU
+        return y_cold.clone() if y_hot is None else y_hot + y_cold
 
-    def ping(self) -> None:
-        self._seq += 1
-        self.cold.send(OP_PING, self._seq, -1, 0)
-        if self._wait(-1)[0] != self._seq:
-            raise ColdExecutorError("cold executor answered a ping out of order")
-
-    def _wait(self, layer: int) -> list:
-        try:
-            return self.cold.recv()
-        except TimeoutError as e:
-            raise ColdExecutorError(f"cold executor did not answer layer {layer} in time") from e
-        except DoorbellClosed as e:
-            raise ColdExecutorError(f"cold executor died during layer {layer}: {e}") from e
+    def _trace(self, layer: int, side: str, start_ns: int, end_ns: int) -> None:
+        if self.is_tracing:
+            self.events.append(LayerEvent(layer, side, start_ns, end_ns))
 
     def close(self) -> None:
-        try:
-            self.cold.send(OP_STOP, 0, -1, 0)
-        except DoorbellClosed:
-            pass
-        self.cold.close()
-
-
-def serve_cold(bell: Doorbell, work: Callable[[int, int], None]) -> None:
-    """The cold executor's side of the protocol: run ``work(layer, n_rows)`` per FFN message and answer
-    each message with its timing; a failure is answered (the scheduler must never hang), STOP or a
-    closed socket ends the loop."""
-    while True:
-        try:
-            op, seq, layer, n = bell.recv()
-        except DoorbellClosed:
-            break
-        if op == OP_STOP:
-            break
-        t0 = time.perf_counter_ns()
-        status, error = STATUS_OK, ""
-        if op == OP_FFN:
-            try:
-                work(layer, n)
-            except Exception as e:
-                logger.exception("cold FFN failed on layer %d", layer)
-                status, error = STATUS_ERROR, f"{type(e).__name__}: {e}"
-        elif op != OP_PING:
-            status, error = STATUS_ERROR, f"unknown op {op}"
-        bell.send(seq, status, t0, time.perf_counter_ns(), error)
-    bell.close()
+        self.channel.close()

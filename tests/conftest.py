@@ -81,6 +81,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
 
 
+@pytest.fixture(scope="session")
+def calibrated_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model with its activation profile and the 50% calibration (gate thresholds, frequencies)."""
+    from runtime.model.tokenizer import TextTokenizer
+    from runtime.model.weights import load_transformer
+    from runtime.sparsity.profile import calibrate, profile
+
+    d = make_tiny_model(tmp_path_factory.mktemp("calibrated") / "tiny", seed=3)
+    profile(load_transformer(d), d, TextTokenizer(d).encode, num_tokens=2048)
+    calibrate(d, 0.5)
+    return d
+
+
 def gguf_location(name: str) -> tuple[str, str]:
     """(directory, file name) of a registry model's GGUF, for transformers' own GGUF loader."""
     from runtime.model.registry import _verified_gguf, load_registry

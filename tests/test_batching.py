@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -97,9 +98,8 @@ def test_leaving_a_stream_early_cancels_only_that_request(llm: LLM, solo: dict) 
     stream.close()                                       # the client went away
     other.join(timeout=60)
     assert got == [solo[PROMPTS[1]]]
-    handle = llm._engine.submit(PROMPTS[2], GREEDY)
-    assert handle.result(timeout=60).token_ids == solo[PROMPTS[2]]
-    assert llm._engine.call(lambda: len(llm._engine.batch)) == 0      # nothing left behind
+    assert llm.generate(PROMPTS[2], GREEDY)[0].token_ids == solo[PROMPTS[2]]
+    assert _num_requests(llm) == 0                                   # nothing left behind
     assert handle_id.startswith("req-")
 
 
@@ -114,13 +114,18 @@ def test_agenerate_runs_many_at_once_and_cancellation_aborts(llm: LLM, solo: dic
         return [o.token_ids for o in outs]
 
     assert asyncio.run(main()) == [solo[p] for p in PROMPTS]
-    assert llm._engine.call(lambda: len(llm._engine.batch)) == 0
+    assert _num_requests(llm) == 0
 
 
 def test_kv_cache_grows_for_a_longer_request_while_others_run(llm: LLM, solo: dict) -> None:
-    engine = llm._engine
-    short = engine.submit(PROMPTS[3], GREEDY)
-    long_ = engine.submit(PROMPTS[4], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
-    assert short.result(60).token_ids == solo[PROMPTS[3]]
-    assert long_.result(120).token_ids[:12] == solo[PROMPTS[4]]
-    assert engine.cache.max_len >= len(long_.result().prompt_token_ids) + 200
+    with ThreadPoolExecutor(2) as pool:
+        short = pool.submit(llm.generate, PROMPTS[3], GREEDY)
+        long_ = pool.submit(llm.generate, PROMPTS[4], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
+        assert short.result(60)[0].token_ids == solo[PROMPTS[3]]
+        assert long_.result(120)[0].token_ids[:12] == solo[PROMPTS[4]]
+    assert llm.stats().kv_cache_len >= len(long_.result()[0].prompt_token_ids) + 200
+
+
+def _num_requests(llm: LLM) -> int:
+    stats = llm.stats()
+    return stats.num_waiting + stats.num_running

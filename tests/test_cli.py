@@ -44,6 +44,7 @@ def test_models_lists_the_registry() -> None:
 
 def test_convert_gguf_gives_a_loadable_directory(tmp_path: Path) -> None:
     from runtime import LLM
+    from runtime.model.weights import load_transformer
     from tests.conftest import gguf_location
 
     directory, name = gguf_location("smollm2-135m")
@@ -51,5 +52,5 @@ def test_convert_gguf_gives_a_loadable_directory(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert {p.name for p in (tmp_path / "smol").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
     converted, registry_model = LLM(str(tmp_path / "smol")), LLM("smollm2-135m")
-    a = converted._engine.runner.model.lm_head_t
-    assert torch.equal(a, registry_model._engine.runner.model.lm_head_t)
+    a = load_transformer(converted.model_dir).lm_head_t
+    assert torch.equal(a, load_transformer(registry_model.model_dir).lm_head_t)

@@ -42,6 +42,14 @@ out = llm.generate(["def fib(n):"], SamplingParams(max_tokens=8, temperature=0.0
 llm.shutdown()
 print(json.dumps(out.token_ids))
 """
+SERVED = """
+import json, sys
+from runtime import SamplingParams
+from runtime.serving.client import connect
+client = connect("auto", name=sys.argv[1])
+outs = client.generate(sys.argv[2:], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+print(json.dumps({"config": client.info()["config"], "tokens": [o.token_ids for o in outs]}))
+"""
 PROMPTS = [["def fib(n):", "The capital of France is", "import os", "class Stack:"],
            ["# sort a list", "for i in range(", "Hello, my name is", "SELECT * FROM"],
            ["x = [1, 2, 3]\n", "The sky is", "def add(a, b):", "import numpy as np\n"]]
@@ -106,3 +114,32 @@ def test_serve_batches_three_client_processes_generate_agenerate_stream(ray_head
     again = subprocess.run([*pinfer, "stop", "--name", "pinfer-test-engine"], env=ray_head,
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "no engine named" in again.stderr
+
+
+def test_a_served_engine_honours_every_engine_flag(ray_head: dict, calibrated_tiny: Path) -> None:
+    """`pinfer serve --sparsity gate ...` serves a gate-mode engine: the in-process gate engine's tokens, not
+    the dense engine's."""
+    from runtime import LLM, SamplingParams
+
+    pinfer, name = [str(VENV_BIN / "pinfer")], "pinfer-gate-engine"
+    prompts = ["hello tiny model", "def f(a, b):", "x = [1, 2, 3]"]
+    serve = subprocess.run([*pinfer, "serve", "--detach", "--address", "auto", "--name", name, "--model",
+                            str(calibrated_tiny), "--sparsity", "gate", "--activation-sparsity", "0.5",
+                            "--hot-fraction", "0.4", "--max-batch-size", "4", "--dtype", "float32"],
+                           env=ray_head, capture_output=True, text=True, timeout=300)
+    assert serve.returncode == 0, serve.stderr
+    try:
+        client = _py(SERVED, ray_head, name, *prompts)
+        out, err = client.communicate(timeout=300)
+        assert client.returncode == 0, err
+        served = json.loads(out.strip().splitlines()[-1])
+    finally:
+        subprocess.run([*pinfer, "stop", "--name", name], env=ray_head, capture_output=True, timeout=120)
+    config = served["config"]
+    assert (config["sparsity"], config["activation_sparsity"], config["hot_fraction"], config["max_batch_size"],
+            config["is_hybrid"]) == ("gate", 0.5, 0.4, 4, True)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    gate = LLM(str(calibrated_tiny), sparsity="gate", activation_sparsity=0.5)
+    dense = LLM(str(calibrated_tiny))
+    assert served["tokens"] == [o.token_ids for o in gate.generate(prompts, params)]
+    assert served["tokens"] != [o.token_ids for o in dense.generate(prompts, params)]

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from runtime import LLM, SamplingParams
-from runtime.model.transformer import StepInput
 from tests.conftest import has_package_data, hf_from_gguf
 
 MODELS = [
@@ -52,11 +51,9 @@ def test_chat_template_matches_transformers(pair) -> None:
 
 def test_logits_match_transformers(pair) -> None:
     llm, _, hf, prompts = pair
-    runner = llm._engine.runner
     for text in prompts:
         ids = llm.tokenizer.encode(text)
-        cache = runner.new_cache(1, len(ids))
-        ours = runner.model(torch.tensor([ids]), StepInput.build([0], len(ids), [0]), cache, all_logits=True)[0]
+        ours = llm.token_logits(ids)
         with torch.inference_mode():
             theirs = hf(torch.tensor([ids])).logits[0].float()
         assert (ours[-1] - theirs[-1]).abs().max().item() < 1e-3, text

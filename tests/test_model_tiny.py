@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from runtime import LLM, SamplingParams
+from runtime.core.runners import DenseRunner
 from runtime.model.transformer import StepInput
+from runtime.model.weights import load_transformer
 from tests.conftest import make_tiny_model
 
 VARIANTS = {
@@ -33,18 +35,12 @@ def _hf(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
 
 
-def _all_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
-    runner = llm._engine.runner
-    cache = runner.new_cache(1, len(ids))
-    return runner.model(torch.tensor([ids]), StepInput.build([0], len(ids), [0]), cache, all_logits=True)[0]
-
-
 def test_hf_directory_matches_transformers(variant: Path) -> None:
     llm, hf = LLM(str(variant)), _hf(variant)
     ids = llm.tokenizer.encode("hello tiny model, how are you?")
     with torch.inference_mode():
         ref = hf(torch.tensor([ids])).logits[0]
-    assert (_all_logits(llm, ids) - ref).abs().max().item() < 1e-4
+    assert (llm.token_logits(ids) - ref).abs().max().item() < 1e-4
     out = llm.generate("hello", SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))[0]
     cfg = copy.deepcopy(hf.generation_config)
     cfg.eos_token_id, cfg.pad_token_id, cfg.do_sample = -1, 0, False
@@ -56,9 +52,9 @@ def test_hf_directory_matches_transformers(variant: Path) -> None:
 
 def test_incremental_decode_equals_full_forward(tiny_model_dir: Path) -> None:
     llm = LLM(str(tiny_model_dir))
-    runner = llm._engine.runner
+    runner = DenseRunner(load_transformer(tiny_model_dir))
     ids = llm.tokenizer.encode("the kv cache must not change anything")
-    full = _all_logits(llm, ids)
+    full = llm.token_logits(ids)
     cache = runner.new_cache(1, len(ids))
     split = 5
     steps = [runner.forward(torch.tensor([ids[:split]]), StepInput.build([0], split, [0]), cache)[0]]
@@ -79,8 +75,8 @@ def test_batched_requests_equal_single_requests(tiny_model_dir: Path) -> None:
 
 def test_bfloat16_tracks_float32(tiny_model_dir: Path) -> None:
     ids = LLM(str(tiny_model_dir)).tokenizer.encode("bf16 should be close")
-    f32 = _all_logits(LLM(str(tiny_model_dir)), ids)
-    b16 = _all_logits(LLM(str(tiny_model_dir), dtype="bfloat16"), ids)
+    f32 = LLM(str(tiny_model_dir)).token_logits(ids)
+    b16 = LLM(str(tiny_model_dir), dtype="bfloat16").token_logits(ids)
     assert b16.dtype == torch.float32 and torch.isfinite(b16).all()
     assert (b16 - f32).abs().max().item() < 0.1 * f32.abs().max().item()
     assert (b16.argmax(-1) == f32.argmax(-1)).float().mean().item() >= 0.8

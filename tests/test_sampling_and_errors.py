@@ -31,7 +31,7 @@ def test_empty_prompt_is_rejected(llm: LLM) -> None:
 
 
 def test_prompt_plus_max_tokens_beyond_context_is_rejected_before_any_work(llm: LLM) -> None:
-    ctx = llm._engine.max_model_len
+    ctx = llm.max_model_len
     with pytest.raises(InvalidRequestError, match="exceeds the model context"):
         llm.generate(["ok", "y" * (ctx - 5)], SamplingParams(max_tokens=10))
 
@@ -68,7 +68,7 @@ def test_max_tokens_and_stop_strings(llm: LLM) -> None:
 
 
 def test_eos_ends_the_request(llm: LLM) -> None:
-    eos = llm._engine.eos_ids
+    eos = llm.eos_token_ids
     out = llm.generate("abc", SamplingParams(max_tokens=200, temperature=3.0, seed=3))[0]
     for seed in range(4, 60):                      # sample until some run hits EOS (vocab is 257 tokens)
         if out.finish_reason == "stop":

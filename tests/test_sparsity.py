@@ -100,10 +100,14 @@ def test_offline_pipeline_measures_what_it_reports(tiny: Path) -> None:
         assert abs(recall - level["layers"][i]["recall"]) < 0.02 and 0.3 < recall <= 1.0
     with pytest.raises(artifacts.MissingArtifactError, match="train-predictors"):
         load_predictors(tiny, 0.7)                         # a level never calibrated has no thresholds
-    from runtime.sparsity.modes import SparsityConfig      # eval results record which offline results made them
-    digest = SparsityConfig("predictor", 0.5).artifacts_digest(tiny)
-    assert digest == SparsityConfig("predictor", 0.5).artifacts_digest(tiny) != SparsityConfig("gate", 0.5).artifacts_digest(tiny)
-    assert SparsityConfig("dense").artifacts_digest(tiny) is None
+    from runtime.config import EngineConfig               # eval results record which offline results made them
+    from runtime.sparsity.online import artifacts_digest
+
+    def digest(sparsity: str, level: float) -> str | None:
+        return artifacts_digest(tiny, EngineConfig(sparsity=sparsity, activation_sparsity=level))
+
+    assert digest("predictor", 0.5) == digest("predictor", 0.5) != digest("gate", 0.5)
+    assert digest("dense", 0.0) is None
 
     prompts, params = ["def f(x):", "import os"], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     gate = LLM(str(tiny), sparsity="gate", activation_sparsity=0.5)
@@ -171,14 +175,15 @@ def test_threshold_keeps_the_recall_target_or_stops_at_the_sparsity_gap() -> Non
 
 
 def test_missing_offline_results_are_a_clear_error(tmp_path: Path) -> None:
+    from runtime.config import EngineConfig
     from runtime.sparsity.artifacts import MissingArtifactError
-    from runtime.sparsity.modes import SparsityConfig
+    from runtime.sparsity.online import artifacts_digest
 
     d = make_tiny_model(tmp_path / "fresh")
     with pytest.raises(MissingArtifactError, match="pinfer"):
         LLM(str(d), sparsity="predictor", activation_sparsity=0.5)
     with pytest.raises(MissingArtifactError, match="pinfer prepare"):
-        SparsityConfig("gate", 0.5).artifacts_digest(d)
+        artifacts_digest(d, EngineConfig(sparsity="gate", activation_sparsity=0.5))
     with pytest.raises(ValueError, match="sparsity must be"):
         LLM(str(d), sparsity="magic")
 

@@ -1,4 +1,4 @@
-"""``pinfer batch``: argument parsing and the backend choice for the resumable JSONL job runner."""
+"""``pinfer batch``: argument parsing and the engine choice for the resumable JSONL job runner."""
 from __future__ import annotations
 
 import argparse
@@ -6,12 +6,11 @@ import json
 import sys
 from pathlib import Path
 
+from runtime.cli.args import add_engine_args, add_sampling_args, llm_from_args
 from runtime.serving.batch_job import SAMPLING_FIELDS, BatchJob
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from runtime.cli.main import llm_from_args
-
     if not args.input.is_file():
         raise FileNotFoundError(f"no input file {args.input}")
     errors = args.errors or args.output.with_name(args.output.name + ".errors.jsonl")
@@ -20,14 +19,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.engine:                       # a served engine (`pinfer serve`) on the cluster
         from runtime.serving.client import connect
 
-        backend = connect(args.address or "auto", args.engine)
-        chat_template = backend.apply_chat_template
+        client = connect(args.address or "auto", args.engine)
     else:
-        backend = llm = llm_from_args(args)
-        chat_template = llm.tokenizer.apply_chat_template
+        client = llm = llm_from_args(args)
     try:
-        summary = BatchJob(backend, chat_template, args.concurrency).run(
-            args.input, args.output, errors, defaults, progress=not args.no_progress)
+        summary = BatchJob(client, args.concurrency).run(args.input, args.output, errors, defaults,
+                                                         progress=not args.no_progress)
     finally:
         if llm is not None:
             llm.shutdown()
@@ -38,8 +35,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from runtime.cli.main import _add_model_args, _add_sampling_args
-
     p = sub.add_parser(
         "batch", help="run a JSONL file of prompts (resumable)",
         description="Run every line of a JSONL file ({\"id\", \"prompt\" | \"messages\", optional sampling "
@@ -53,6 +48,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", default=None, metavar="NAME",
                    help="send the prompts to the engine NAME started by `pinfer serve` instead of loading one")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_model_args(p)
-    _add_sampling_args(p)
+    add_engine_args(p, is_hybrid=True)
+    add_sampling_args(p)
     p.set_defaults(fn=cmd_batch)

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+from runtime.cli.args import add_engine_args, engine_config
 from runtime.evals.humaneval import FORMATS
 
 
@@ -19,7 +20,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Generate completions for the HumanEval problems, run each against its tests in a sandboxed "
                     "child process, and report pass@k. Results are appended to --output as they are judged; "
                     "rerunning with the same --output resumes (and refuses other settings).")
-    q.add_argument("--model", default=None, help="registry name or model directory (default: registry default)")
     q.add_argument("--format", dest="prompt_format", choices=FORMATS, default="raw",
                    help="raw: complete the prompt as code; chat: ask through the chat template (default raw)")
     q.add_argument("--output", type=Path, default=None,
@@ -34,13 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0, help="base seed of the per-sample seeds (default 0)")
     g.add_argument("--max-tokens", type=int, default=512, help="new tokens per sample at most (default 512)")
     g.add_argument("--batch-size", type=int, default=16, help="requests in flight at once, batched continuously (default 16)")
-    g = q.add_argument_group("engine")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: configs/engine.yaml")
-    g.add_argument("--sparsity", default="dense", choices=["dense", "gate", "predictor"],
-                   help="which FFN neurons to compute (gate/predictor need `pinfer prepare`)")
-    g.add_argument("--activation-sparsity", type=float, default=0.0, help="target share of inactive neurons")
-    g.add_argument("--hot-fraction", type=float, default=None,
-                   help="run on the hybrid Ray runtime with this share of neurons hot (default: in process)")
+    add_engine_args(q, is_hybrid=None)           # in process unless a hybrid option (e.g. --hot-fraction) is set
     g = q.add_argument_group("sandbox")
     g.add_argument("--workers", dest="num_workers", type=int, default=None,
                    help="programs run at once (default: CPU count, at most 8)")
@@ -60,12 +54,12 @@ def cmd_humaneval(args: argparse.Namespace) -> int:
     from runtime.evals.harness import EvalConfig, run_humaneval
 
     tasks = [t for arg in args.tasks for t in arg.split(",") if t] if args.tasks else None
-    cfg = EvalConfig(output=args.output or default_output(args.model, args.prompt_format), model=args.model,
+    engine = engine_config(args)
+    cfg = EvalConfig(output=args.output or default_output(engine.model, args.prompt_format), engine=engine,
                      prompt_format=args.prompt_format, limit=args.limit, tasks=tasks, num_samples=args.num_samples,
                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens,
-                     batch_size=args.batch_size, dtype=args.dtype, sparsity=args.sparsity,
-                     activation_sparsity=args.activation_sparsity, hot_fraction=args.hot_fraction,
-                     num_workers=args.num_workers, timeout_s=args.timeout_s, memory_mb=args.memory_mb)
+                     batch_size=args.batch_size, num_workers=args.num_workers, timeout_s=args.timeout_s,
+                     memory_mb=args.memory_mb)
     summary = run_humaneval(cfg)
     print(json.dumps(summary, indent=2))
     passes = ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith("pass@"))

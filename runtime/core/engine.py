@@ -1,110 +1,63 @@
 """The generation loop: validate requests, batch them continuously, stop each on its own terms.
 
-Requests are submitted from any thread and run on one engine thread: between decoding steps waiting
-requests join free cache slots (prefilled one by one) and finished or cancelled ones leave, so one
-forward pass decodes every running sequence together. The loop is the same for every runner; a
-runner owns the weights and the forward pass (the dense in-process model here, the hybrid GPU/CPU
-executors in the Ray runtime).
+Requests are submitted from any thread (or asyncio task) and run on one engine thread: between decoding
+steps waiting requests join free cache slots (prefilled one by one) and finished or cancelled ones
+leave, so one forward pass decodes every running sequence together. The loop is the same for every
+runner; a runner owns the weights and the forward pass (the in-process model, or the GPU executor's
+hybrid model whose FFN is split with the CPU executor).
 """
 from __future__ import annotations
 
-import itertools
+import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from contextlib import aclosing
+from typing import Any, TypeVar
 
 import torch
 
-from runtime.model.config import ModelConfig
+from runtime.api import new_request_id
+from runtime.config import EngineConfig
+from runtime.core.handles import RequestHandle
+from runtime.core.runners import Runner
+from runtime.core.sequence import Sequence, eos_token_ids
 from runtime.errors import EngineDeadError, InvalidRequestError
-from runtime.model.transformer import KVCache, StepInput, Transformer
-from runtime.outputs import RequestOutput
-from runtime.sampling import Sampler, SamplingParams
-from runtime.core.handles import RequestHandle, StreamChunk
 from runtime.model.tokenizer import IncrementalDetokenizer, TextTokenizer
+from runtime.model.transformer import StepInput
+from runtime.outputs import EngineStats, RequestOutput, StreamChunk
+from runtime.sampling import Sampler, SamplingParams
 from scheduler.batching import BatchScheduler
 
 logger = logging.getLogger(__name__)
-_request_ids = itertools.count()
 T = TypeVar("T")
 CACHE_GROWTH = 64           # KV cache length grows in steps of this many positions
-
-
-class Runner(Protocol):
-    cfg: ModelConfig
-
-    def new_cache(self, num_slots: int, max_len: int) -> Any: ...
-
-    def forward(self, tokens: torch.Tensor, step: StepInput, cache: Any, all_logits: bool = False) -> torch.Tensor:
-        """tokens [B, T] -> fp32 logits [B, V] of each row's last position ([B, T, V] with ``all_logits``)."""
-        ...
-
-
-class DenseRunner:
-    """The dense reference model in this process."""
-
-    def __init__(self, model: Transformer) -> None:
-        self.model = model
-        self.cfg = model.cfg
-
-    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
-        return KVCache(self.cfg, num_slots, max_len, self.model.embed.dtype)
-
-    def forward(self, tokens: torch.Tensor, step: StepInput, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
-        return self.model(tokens, step, cache, all_logits=all_logits)
-
-
-@dataclass(slots=True)
-class Sequence:
-    request_id: str
-    prompt: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    sampler: Sampler
-    detok: IncrementalDetokenizer
-    handle: RequestHandle | None = None
-    slot: int = -1
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    text: str = ""
-    sent_chars: int = 0                     # text and tokens already streamed
-    sent_tokens: int = 0
-    arrival: float = field(default_factory=time.perf_counter)
-    first_token: float = 0.0
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.detok.token_ids
-
-    @property
-    def next_position(self) -> int:
-        """Position of the last sampled token, the one the next decode step feeds."""
-        return len(self.prompt_ids) + len(self.output_ids) - 1
-
-    def to_output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, self.text, list(self.output_ids),
-                             self.finish_reason or "length", self.stop_reason, dict(self.metrics))
+MAX_EARLY_ABORTS = 4096     # remembered ids of aborts that found no request (oldest forgotten first)
 
 
 class Engine:
-    """Validates requests and serves them, continuously batched, on its own thread."""
+    """Validates requests and serves them, continuously batched, on its own thread.
 
-    def __init__(self, runner: Runner, tokenizer: TextTokenizer, max_model_len: int | None = None,
-                 max_batch_size: int = 16, ready: Callable[[], bool] = lambda: True,
+    ``config`` is resolved for the model (``EngineConfig.for_model``): its ``max_model_len`` and
+    ``max_batch_size`` bound every request. ``ready`` says whether the runner can step now (the GPU
+    executor's: "a CPU executor is connected"); ``on_error`` hears of every failed step.
+    """
+
+    def __init__(self, runner: Runner, tokenizer: TextTokenizer, config: EngineConfig,
+                 ready: Callable[[], bool] = lambda: True,
                  on_error: Callable[[BaseException], None] = lambda e: None) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
-        self.max_model_len = min(max_model_len or runner.cfg.max_position_embeddings, runner.cfg.max_position_embeddings)
-        self.max_batch_size = max_batch_size
-        self.eos_ids = frozenset(i for i in [*runner.cfg.eos_token_ids, tokenizer.eos_id] if i is not None)
-        self.batch: BatchScheduler[Sequence] = BatchScheduler(max_batch_size)
+        self.max_model_len: int = config.max_model_len
+        self.max_batch_size = config.max_batch_size
+        self.eos_ids = eos_token_ids(runner.cfg, tokenizer)
+        self.batch: BatchScheduler[Sequence] = BatchScheduler(config.max_batch_size)
         self.cache: Any = None
-        self._ready, self._on_error = ready, on_error        # e.g. "a CPU executor is connected"
+        self.num_finished = self.num_aborted = 0
+        self._early_aborts: dict[str, bool] = {}           # ids aborted before their request arrived (ordered)
+        self._ready, self._on_error = ready, on_error
         self._cv = threading.Condition()
         self._inbox: list[tuple[str, Any]] = []
         self._thread: threading.Thread | None = None
@@ -112,39 +65,38 @@ class Engine:
         self._closed = False
 
     # ---- requests (any thread) -----------------------------------------------------------------
-    def make_sequence(self, prompt: str, params: SamplingParams) -> Sequence:
-        """Tokenize and check one request; raises InvalidRequestError before any work is done."""
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidRequestError(f"prompt must be a non-empty string, got {prompt!r}")
-        ids = self.tokenizer.encode(prompt)
-        if not ids:
-            raise InvalidRequestError("prompt encodes to zero tokens")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {len(ids) + params.max_tokens} "
-                f"exceeds the model context of {self.max_model_len} tokens")
-        return Sequence(f"req-{next(_request_ids)}", prompt, ids, params, Sampler(params),
-                        IncrementalDetokenizer(self.tokenizer))
-
-    def submit(self, prompt: str, params: SamplingParams, stream: bool = False) -> RequestHandle:
-        """Queue one request; it joins the running batch at the next step."""
-        return self._submit(self.make_sequence(prompt, params), stream)
+    def submit(self, prompt: str, params: SamplingParams, stream: bool = False, request_id: str | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue one request (validated first: a bad one raises InvalidRequestError before any work); it joins
+        the running batch at the next step. With an event ``loop``, the handle streams to ``async for``."""
+        return self._add(self._sequence(prompt, params, request_id or new_request_id()), stream, loop)
 
     def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[RequestOutput]:
         """Complete every prompt (all are validated before any starts); outputs in input order."""
-        seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, params, strict=True)]
-        handles = [self._submit(s, stream=False) for s in seqs]
+        seqs = [self._sequence(p, sp, new_request_id()) for p, sp in zip(prompts, params, strict=True)]
+        handles = [self._add(s) for s in seqs]
         try:
             return [h.result() for h in handles]
         finally:
             for h in handles:                 # on an error (or an interrupt), stop the rest as well
                 h.cancel()
 
-    def stream(self, prompt: str, params: SamplingParams) -> Iterator[StreamChunk]:
+    async def agenerate(self, prompt: str, params: SamplingParams) -> RequestOutput:
+        """One prompt, awaitable; cancelling the awaiting task cancels the request."""
+        return await asyncio.wrap_future(self.submit(prompt, params).future)
+
+    def stream(self, prompt: str, params: SamplingParams, request_id: str | None = None) -> Iterator[StreamChunk]:
         """Chunks of new text as tokens arrive; closing the iterator early cancels the request."""
-        return iter(self.submit(prompt, params, stream=True))
+        return iter(self.submit(prompt, params, stream=True, request_id=request_id))
+
+    async def astream(self, prompt: str, params: SamplingParams,
+                      request_id: str | None = None) -> AsyncIterator[StreamChunk]:
+        """``stream`` for an asyncio event loop, which never blocks on the engine; a bad request raises at the
+        first chunk, closing early (or cancelling the iterating task) cancels it."""
+        handle = self.submit(prompt, params, request_id=request_id, loop=asyncio.get_running_loop())
+        async with aclosing(aiter(handle)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)
@@ -157,12 +109,16 @@ class Engine:
 
     def prompt_logits(self, prompt: str) -> torch.Tensor:
         """fp32 next-token logits [V] after ``prompt`` (one prefill in a fresh cache)."""
-        ids = self.make_sequence(prompt, SamplingParams(max_tokens=1)).prompt_ids
+        ids = self._sequence(prompt, SamplingParams(max_tokens=1), "").prompt_ids
         return self.call(lambda: self._forward_alone(ids, all_logits=False))
 
     def token_logits(self, ids: list[int]) -> torch.Tensor:
         """fp32 logits [T, V] at every position of ``ids`` (teacher forcing; for perplexity and agreement)."""
         return self.call(lambda: self._forward_alone(ids, all_logits=True))
+
+    def stats(self) -> EngineStats:
+        return self.call(lambda: EngineStats(len(self.batch.waiting), len(self.batch.running), self.num_finished,
+                                             self.num_aborted, 0 if self.cache is None else self.cache.max_len))
 
     def wake(self) -> None:
         """Re-check ``ready`` (e.g. after a CPU executor was reconnected)."""
@@ -176,8 +132,23 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
-    def _submit(self, seq: Sequence, stream: bool) -> RequestHandle:
-        seq.handle = RequestHandle(seq.request_id, self.abort, stream)
+    def _sequence(self, prompt: str, params: SamplingParams, request_id: str) -> Sequence:
+        """Tokenize and check one request; raises InvalidRequestError before any work is done."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidRequestError(f"prompt must be a non-empty string, got {prompt!r}")
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt encodes to zero tokens")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {len(ids) + params.max_tokens} "
+                f"exceeds the model context of {self.max_model_len} tokens")
+        return Sequence(request_id, prompt, ids, params, Sampler(params), IncrementalDetokenizer(self.tokenizer))
+
+    def _add(self, seq: Sequence, stream: bool = False, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        seq.handle = RequestHandle(seq.request_id, self.abort, stream, loop)
         self._post("add", seq)
         return seq.handle
 
@@ -208,10 +179,10 @@ class Engine:
                     self.step()
                 except Exception as e:                   # fail what was running; waiting requests stay
                     logger.warning("engine step failed: %s", e)
+                    self._on_error(e)                    # first: a caller who sees the failure sees its effects
                     for s in list(self.batch.running):
                         self.batch.finish(s)
                         s.handle.fail(e)
-                    self._on_error(e)
         dead = EngineDeadError("the engine was shut down")
         for s in self.batch.drain():
             s.handle.fail(dead)
@@ -224,18 +195,29 @@ class Engine:
 
     def _handle(self, kind: str, item: Any) -> None:
         if kind == "add":
-            self.batch.add(item)
+            if self._early_aborts.pop(item.request_id, False):     # cancelled before it arrived
+                self._abort(item)
+            else:
+                self.batch.add(item)
         elif kind == "abort":
             seq = self.batch.remove(item)
             if seq is not None:
-                seq.finish_reason = "abort"
-                self._emit(seq)
+                self._abort(seq)
+            else:                 # finished, or not here yet (a remote caller's abort can overtake its request)
+                self._early_aborts[item] = True
+                while len(self._early_aborts) > MAX_EARLY_ABORTS:
+                    self._early_aborts.pop(next(iter(self._early_aborts)))
         else:
             fn, future = item
             try:
                 future.set_result(fn())
             except Exception as e:
                 future.set_exception(e)
+
+    def _abort(self, seq: Sequence) -> None:
+        self.num_aborted += 1
+        seq.finish("abort")
+        self._emit(seq)
 
     def step(self) -> None:
         """Admit waiting requests (prefill each), then decode one token for every running sequence."""
@@ -247,17 +229,18 @@ class Engine:
             logits = self.runner.forward(tokens, StepInput.build([0], len(s.prompt_ids), [s.slot]), self.cache)
             s.first_token = time.perf_counter()
             s.metrics["prefill_s"] = s.first_token - t0
-            self._append(s, s.sampler(logits[0]))
+            s.append(s.sampler(logits[0]), self.eos_ids)
             self._emit(s)
-        running = [s for s in self.batch.running if s.finish_reason is None]
+        running = [s for s in self.batch.running if not s.is_finished]
         if running:
             tokens = torch.tensor([[s.output_ids[-1]] for s in running])                    # [B, 1]
             step = StepInput.build([s.next_position for s in running], 1, [s.slot for s in running])
             logits = self.runner.forward(tokens, step, self.cache)                            # [B, V]
             for row, s in enumerate(running):
-                self._append(s, s.sampler(logits[row]))
+                s.append(s.sampler(logits[row]), self.eos_ids)
                 self._emit(s)
-        for s in [s for s in self.batch.running if s.finish_reason is not None]:
+        for s in [s for s in self.batch.running if s.is_finished]:
+            self.num_finished += 1
             self.batch.finish(s)
 
     def _reserve(self, length: int) -> None:
@@ -277,41 +260,10 @@ class Engine:
         out = self.runner.forward(torch.tensor([ids]), StepInput.build([0], len(ids), [0]), cache, all_logits=all_logits)
         return out[0]
 
-    def _append(self, s: Sequence, token: int) -> None:
-        """Record one sampled token and decide whether the sequence is done."""
-        delta = s.detok.add(token)
-        p = s.params
-        if token in self.eos_ids and not p.ignore_eos:
-            s.finish_reason, s.stop_reason = "stop", token
-            return
-        s.text += delta
-        if p.stop and delta:
-            window = len(delta) + max(map(len, p.stop)) - 1
-            tail_start = max(0, len(s.text) - window)
-            hits = [(s.text.find(stop, tail_start), stop) for stop in p.stop]
-            hits = [(i, stop) for i, stop in hits if i >= 0]
-            if hits:
-                i, stop = min(hits)
-                s.text = s.text[:i]
-                s.finish_reason, s.stop_reason = "stop", stop
-                return
-        if len(s.output_ids) >= p.max_tokens:
-            s.finish_reason = "length"
-
-    def _emit(self, s: Sequence) -> None:
+    @staticmethod
+    def _emit(s: Sequence) -> None:
         """Hand new text to a streaming handle; complete the handle when the sequence is done."""
-        done = s.finish_reason is not None
-        if done:
-            now = time.perf_counter()
-            s.metrics["decode_s"] = now - s.first_token if s.first_token else 0.0
-            s.metrics["total_s"] = now - s.arrival
-        if not (s.handle.streaming or done):
-            return
-        hold = 0 if done or not s.params.stop else max(map(len, s.params.stop)) - 1
-        visible = len(s.text) - hold
-        text = s.text[s.sent_chars:visible] if visible > s.sent_chars else ""
-        tokens = s.output_ids[s.sent_tokens:]
-        if text or tokens or done:
-            s.sent_chars += len(text)
-            s.sent_tokens += len(tokens)
-            s.handle.push(StreamChunk(s.request_id, text, list(tokens), done, s.to_output() if done else None))
+        if s.handle.streaming or s.is_finished:
+            chunk = s.next_chunk()
+            if chunk is not None:
+                s.handle.push(chunk)

@@ -1,40 +1,34 @@
-"""What a submitted request hands back: a handle to wait on, stream from, or cancel."""
+"""What a submitted request hands back: a handle to wait on, stream from (threads or asyncio), or cancel."""
 from __future__ import annotations
 
+import asyncio
 import queue
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
 
-from runtime.outputs import RequestOutput
-
-
-@dataclass(slots=True)
-class StreamChunk:
-    """New text of one request since its previous chunk; the last one has ``finished`` and the whole output."""
-
-    request_id: str
-    text: str                          # text delta (a possible stop string's prefix is held back until decided)
-    token_ids: list[int]               # tokens sampled since the previous chunk
-    finished: bool = False
-    output: RequestOutput | None = None
+from runtime.api import acancel_on_exit, cancel_on_exit
+from runtime.outputs import RequestOutput, StreamChunk
 
 
 class RequestHandle:
-    """Filled by the engine loop thread; read from any thread (``result``), iterated (``stream``), or cancelled."""
+    """Filled by the engine thread; read from any thread (``result``), iterated (``for`` with ``stream=True``,
+    ``async for`` when submitted with an event ``loop``), or cancelled."""
 
-    def __init__(self, request_id: str, cancel: Callable[[str], None], streaming: bool) -> None:
+    def __init__(self, request_id: str, cancel: Callable[[str], None], streaming: bool,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.request_id = request_id
         self.future: Future[RequestOutput] = Future()
-        self.streaming = streaming
+        self.streaming = streaming or loop is not None
+        self._loop = loop
         self._chunks: queue.SimpleQueue[StreamChunk | BaseException] = queue.SimpleQueue()
+        self._achunks: asyncio.Queue[StreamChunk | BaseException] | None = asyncio.Queue() if loop else None
         self._cancel = cancel
         self.future.add_done_callback(lambda f: f.cancelled() and cancel(request_id))    # asyncio cancel
 
     # ---- engine side ---------------------------------------------------------------------------
     def push(self, chunk: StreamChunk) -> None:
         if self.streaming:
-            self._chunks.put(chunk)
+            self._deliver(chunk)
         if chunk.finished:
             try:
                 self.future.set_result(chunk.output)
@@ -47,7 +41,16 @@ class RequestHandle:
         except InvalidStateError:
             return
         if self.streaming:
-            self._chunks.put(error)
+            self._deliver(error)
+
+    def _deliver(self, item: StreamChunk | BaseException) -> None:
+        if self._achunks is None:
+            self._chunks.put(item)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._achunks.put_nowait, item)
+        except RuntimeError:                   # the event loop is closed: nobody is listening any more
+            self.cancel()
 
     # ---- user side -----------------------------------------------------------------------------
     def result(self, timeout: float | None = None) -> RequestOutput:
@@ -55,21 +58,32 @@ class RequestHandle:
 
     def __iter__(self) -> Iterator[StreamChunk]:
         """Chunks as tokens arrive; leaving the loop early cancels the request."""
-        if not self.streaming:
-            raise RuntimeError("this request was submitted without stream=True")
-        finished = False
-        try:
-            while True:
-                item = self._chunks.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.cancel()
+        if not self.streaming or self._achunks is not None:
+            raise RuntimeError("iterate a request submitted with stream=True (async for: with an event loop)")
+        return cancel_on_exit(self._get(), self.cancel)
+
+    def __aiter__(self) -> AsyncIterator[StreamChunk]:
+        if self._achunks is None:
+            raise RuntimeError("async for needs a request submitted with an event loop")
+        return acancel_on_exit(self._aget(), self.cancel)
+
+    def _get(self) -> Iterator[StreamChunk]:
+        while True:
+            item = self._chunks.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finished:
+                return
+
+    async def _aget(self) -> AsyncIterator[StreamChunk]:
+        while True:
+            item = await self._achunks.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finished:
+                return
 
     def cancel(self) -> None:
         """Stop generating for this request (its result then has finish_reason "abort")."""

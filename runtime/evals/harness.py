@@ -10,20 +10,21 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from runtime.evals.humaneval import FORMATS, Problem, PromptFormat, build_prompt, load_problems, solution_source, \
     stop_strings
 from runtime.evals.passk import mean_pass_at_k
 from runtime.evals.results import ResultStore, RunSettings, SampleRecord, sidecar, write_json
 from runtime.evals.sandbox import ExecResult, Sandbox, SandboxLimits
+from runtime.config import EngineConfig
+from runtime.llm import LLM
+from runtime.model.registry import default_model, resolve_model
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
-
-if TYPE_CHECKING:
-    from runtime.llm import LLM
+from runtime.sparsity.online import artifacts_digest
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +33,10 @@ PASS_KS = (1, 10, 100)
 
 @dataclass(slots=True)
 class EvalConfig:
-    """One ``pinfer eval humaneval`` invocation."""
+    """One ``pinfer eval humaneval`` invocation: what to ask, how to judge, and the engine that answers."""
 
     output: Path
-    model: str | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig.load)
     prompt_format: PromptFormat = "raw"
     limit: int | None = None
     tasks: list[str] | None = None
@@ -45,10 +46,6 @@ class EvalConfig:
     seed: int | None = 0
     max_tokens: int = 512
     batch_size: int = 16
-    dtype: str | None = None
-    sparsity: str = "dense"
-    activation_sparsity: float = 0.0
-    hot_fraction: float | None = None
     num_workers: int | None = None
     timeout_s: float = 10.0
     memory_mb: int = 1024
@@ -68,10 +65,12 @@ class EvalConfig:
         SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed)
         SandboxLimits(self.timeout_s, self.memory_mb)
 
-    def run_settings(self, model_name: str, dtype: str, sparsity_artifacts: str | None = None) -> RunSettings:
-        return RunSettings(model_name, self.prompt_format, self.max_tokens, float(self.temperature), float(self.top_p),
-                           self.seed if self.temperature > 0 else None, dtype, self.sparsity,
-                           float(self.activation_sparsity), self.hot_fraction, float(self.timeout_s), self.memory_mb,
+    def run_settings(self, engine: EngineConfig, sparsity_artifacts: str | None = None) -> RunSettings:
+        """What decides a sample, with ``engine`` resolved for the model (its name is the model's)."""
+        return RunSettings(engine.model, self.prompt_format, self.max_tokens, float(self.temperature),
+                           float(self.top_p), self.seed if self.temperature > 0 else None, engine.dtype,
+                           engine.sparsity, float(engine.activation_sparsity),
+                           engine.hot_fraction if engine.is_hybrid else None, float(self.timeout_s), self.memory_mb,
                            tuple(stop_strings(self.prompt_format)), sparsity_artifacts)
 
 
@@ -82,35 +81,20 @@ def sample_seed(seed: int | None, task_id: str, sample: int) -> int | None:
     return int.from_bytes(hashlib.sha256(f"{seed}/{task_id}/{sample}".encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
-def load_llm(cfg: EvalConfig, model_name: str) -> "LLM":
-    from runtime import LLM
-
-    return LLM(model_name, dtype=cfg.dtype, sparsity=cfg.sparsity, activation_sparsity=cfg.activation_sparsity,
-               hot_fraction=cfg.hot_fraction)
-
-
-def run_humaneval(cfg: EvalConfig, llm: "LLM | None" = None, show_progress: bool = True) -> dict[str, Any]:
+def run_humaneval(cfg: EvalConfig, llm: LLM | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Evaluate ``cfg`` and return the summary, also written to disk. ``llm``: an already loaded model (whose
-    engine settings must be ``cfg``'s), else one is loaded when there is anything to generate."""
-    from runtime.config import EngineConfig
-    from runtime.model.registry import default_model
-
+    sparsity settings must be ``cfg.engine``'s; its own config is recorded), else one is loaded from
+    ``cfg.engine`` when there is anything to generate."""
     t0 = time.perf_counter()
     problems = load_problems(cfg.limit, cfg.tasks)
-    model_name = llm.model_name if llm is not None else cfg.model or default_model()
-    dtype = str(llm.dtype).removeprefix("torch.") if llm is not None else cfg.dtype or EngineConfig.load().dtype
-    digest = None
-    if cfg.sparsity != "dense":
-        from runtime.model.registry import resolve_model
-        from runtime.sparsity.modes import SparsityConfig
-
-        model_dir = llm.model_dir if llm is not None else resolve_model(model_name)
-        digest = SparsityConfig(cfg.sparsity, cfg.activation_sparsity).artifacts_digest(model_dir)
-    settings = cfg.run_settings(model_name, dtype, digest)
-    if llm is not None and (llm.sparsity.mode, llm.sparsity.activation_sparsity) != \
-            (cfg.sparsity, cfg.activation_sparsity):
-        raise ValueError(f"the given LLM runs sparsity {llm.sparsity}, the config says {cfg.sparsity!r} at "
-                         f"{cfg.activation_sparsity}; results would be recorded under the wrong settings")
+    if llm is not None and (llm.config.sparsity, llm.config.activation_sparsity) != \
+            (cfg.engine.sparsity, cfg.engine.activation_sparsity):
+        raise ValueError(f"the given LLM runs sparsity {llm.config.sparsity!r} at {llm.config.activation_sparsity}, "
+                         f"the config says {cfg.engine.sparsity!r} at {cfg.engine.activation_sparsity}; results "
+                         f"would be recorded under the wrong settings")
+    engine = llm.config if llm is not None else replace(cfg.engine, model=cfg.engine.model or default_model())
+    model_dir = llm.model_dir if llm is not None else resolve_model(engine.model)
+    settings = cfg.run_settings(engine, artifacts_digest(model_dir, engine))
     if cfg.num_samples > 1 and cfg.temperature == 0:
         logger.warning("greedy decoding with --n %d: every sample of a problem is the same", cfg.num_samples)
     with ResultStore(cfg.output, settings) as store:
@@ -119,7 +103,7 @@ def run_humaneval(cfg: EvalConfig, llm: "LLM | None" = None, show_progress: bool
                     len(todo), len(problems) * cfg.num_samples - len(todo), cfg.output)
         owns_llm = llm is None and bool(todo)
         if owns_llm:
-            llm = load_llm(cfg, model_name)
+            llm = LLM(config=engine)
         try:
             if todo:
                 gen_wall = _generate_and_judge(cfg, llm, store, todo, len(problems), show_progress)
@@ -175,7 +159,7 @@ class _Progress:
             self.bar.set_postfix(passed=self.num_passed, refresh=False)
 
 
-def _generate_and_judge(cfg: EvalConfig, llm: "LLM", store: ResultStore, todo: list[tuple[Problem, int]],
+def _generate_and_judge(cfg: EvalConfig, llm: LLM, store: ResultStore, todo: list[tuple[Problem, int]],
                         num_problems: int, show_progress: bool) -> float:
     """Keep ``batch_size`` requests in flight (the engine batches them continuously, a finished one making
     room for the next at once); each answer goes to the sandbox pool as it arrives and is recorded when
@@ -230,7 +214,7 @@ def _recorder(store: ResultStore, progress: _Progress, failures: list[BaseExcept
 
 
 def summarize(cfg: EvalConfig, settings: RunSettings, problems: list[Problem], store: ResultStore,
-              llm: "LLM | None", wall_s: float, num_new: int) -> dict[str, Any]:
+              llm: LLM | None, wall_s: float, num_new: int) -> dict[str, Any]:
     """pass@k over the selected problems from every recorded sample, with counts, tokens and engine settings."""
     records = [store.records[(p.task_id, s)] for p in problems for s in range(cfg.num_samples)
                if (p.task_id, s) in store]

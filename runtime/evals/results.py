@@ -31,7 +31,7 @@ class RunSettings:
     timeout_s: float
     memory_mb: int
     stop: tuple[str, ...]
-    sparsity_artifacts: str | None = None      # digest of the thresholds / predictors used (SparsityConfig)
+    sparsity_artifacts: str | None = None      # digest of the thresholds / predictors used (sparsity.online)
     harness_version: int = HARNESS_VERSION
 
     def to_json(self) -> dict[str, Any]:

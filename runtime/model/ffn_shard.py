@@ -10,24 +10,33 @@ batch reads the union of its rows' neurons once, and each row keeps only its own
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from runtime.config import SPARSITY_MODES
 from runtime.model.config import ModelConfig
 from runtime.model.transformer import ACTIVATIONS, ffn_activations
 from runtime.model.sparse_kernel import sparse_ffn
 from runtime.model.weights import Checkpoint
 
-MODES = ("dense", "gate", "predictor")
+
+@dataclass(frozen=True, slots=True)
+class ShardSpec:
+    """What one executor holds: per layer, the global ids of its neurons; and gate mode's per-layer
+    thresholds (None otherwise). Sent to each executor actor when it starts."""
+
+    neurons: list[np.ndarray]
+    tau_gate: list[float] | None = None
 
 
 class FFNShard:
     def __init__(self, cfg: ModelConfig, neurons: Sequence[np.ndarray], mode: str, weights: dict[str, list[torch.Tensor]],
                  tau_gate: Sequence[float] | None = None, num_threads: int = 1) -> None:
-        if mode not in MODES:
-            raise ValueError(f"sparsity mode must be one of {MODES}, got {mode!r}")
+        if mode not in SPARSITY_MODES:
+            raise ValueError(f"sparsity mode must be one of {SPARSITY_MODES}, got {mode!r}")
         self.cfg, self.mode, self.num_threads = cfg, mode, num_threads
         self.act_name = cfg.hidden_act
         self.act = ACTIVATIONS[cfg.hidden_act]

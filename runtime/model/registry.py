@@ -14,18 +14,11 @@ from pathlib import Path
 import yaml
 
 from runtime.errors import ChecksumMismatchError, MissingPackageDataError, ModelNotFoundError
+from runtime.paths import CONFIG_DIR, cache_dir
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(os.environ.get("PINFER_CONFIG_DIR", Path(__file__).resolve().parents[2] / "configs"))
 CONVERTED_FORMAT = 1          # bump when the converted layout changes, to re-convert caches
-
-
-def cache_dir() -> Path:
-    """Where assembled GGUFs and converted models live (``PINFER_CACHE``, default ``~/.cache/pinfer``)."""
-    root = Path(os.environ.get("PINFER_CACHE", Path.home() / ".cache" / "pinfer"))
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return root
 
 
 @dataclass(slots=True, frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.model.registry import cache_dir
+from runtime.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 

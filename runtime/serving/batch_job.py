@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from runtime.api import EngineClient
 from runtime.errors import InvalidRequestError, PinferError
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
@@ -25,12 +26,6 @@ from runtime.sampling import SamplingParams
 logger = logging.getLogger(__name__)
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos")
 LINE_FIELDS = {"id", "prompt", "messages", *SAMPLING_FIELDS}
-
-
-class Backend(Protocol):
-    """What runs the prompts: an ``LLM`` (in process or hybrid) or a ``Client`` of a served engine."""
-
-    def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[RequestOutput]: ...
 
 
 @dataclass(slots=True)
@@ -134,10 +129,10 @@ def _check_line(obj: dict[str, Any]) -> str | None:
 
 
 class BatchJob:
-    def __init__(self, backend: Backend, chat_template: Callable[[list[dict[str, str]]], str],
-                 concurrency: int = 32) -> None:
-        self.backend = backend
-        self.chat_template = chat_template
+    """Runs a JSONL file on ``client``: an ``LLM`` (in process or hybrid) or a served engine's ``Client``."""
+
+    def __init__(self, client: EngineClient, concurrency: int = 32) -> None:
+        self.client = client
         self.concurrency = concurrency
 
     def run(self, input_path: Path, output: Path, errors_path: Path, defaults: dict[str, Any],
@@ -198,5 +193,5 @@ class BatchJob:
         return summary
 
     def _one(self, job: Job) -> RequestOutput:
-        prompt = job.prompt if job.prompt is not None else self.chat_template(job.messages)
-        return self.backend.generate([prompt], [job.params])[0]
+        prompt = job.prompt if job.prompt is not None else self.client.apply_chat_template(job.messages)
+        return self.client.generate([prompt], [job.params])[0]

@@ -17,36 +17,23 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, suppress
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 
+from runtime.api import EngineClient
 from runtime.errors import EngineDeadError, InvalidRequestError
 from runtime.serving.openai_protocol import ApiError, GenerationRequest, Reply, invalid_request, parse_request, root_cause, \
     show, sse
-from runtime.outputs import RequestOutput
-from runtime.sampling import SamplingParams
-from runtime.core.handles import StreamChunk
+from runtime.outputs import StreamChunk
 
 logger = logging.getLogger(__name__)
-
-
-class Backend(Protocol):
-    """What the server needs from an engine: ``runtime.LLM`` and ``runtime.serving.client.Client`` both fit."""
-
-    model_name: str
-
-    async def agenerate(self, prompt: str, params: SamplingParams | None = None) -> RequestOutput: ...
-
-    def astream(self, prompt: str, params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]: ...
-
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str: ...
 
 
 class OpenAIApi:
     """The route handlers over one backend."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: EngineClient) -> None:
         self.backend = backend
         self.model_name = backend.model_name
         self.created = int(time.time())
@@ -178,7 +165,7 @@ async def _errors(request: web.Request,
 class HttpServer:
     """The API on a listening socket of the current event loop: ``url = await start()``, ``await stop()``."""
 
-    def __init__(self, backend: Backend, host: str = "127.0.0.1", port: int = 8000) -> None:
+    def __init__(self, backend: EngineClient, host: str = "127.0.0.1", port: int = 8000) -> None:
         self.api = OpenAIApi(backend)
         self.host, self.port = host, port
         # Cancelling a handler when its client disconnects is what aborts that client's request.
@@ -209,7 +196,7 @@ class HttpServer:
 class BackgroundHttpServer:
     """``HttpServer`` on its own thread and event loop, for callers without one (tests, notebooks)."""
 
-    def __init__(self, backend: Backend, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, backend: EngineClient, host: str = "127.0.0.1", port: int = 0) -> None:
         self.server = HttpServer(backend, host, port)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="pinfer-http", daemon=True)
@@ -236,7 +223,7 @@ class BackgroundHttpServer:
         self.stop()
 
 
-def serve_http(backend: Backend, host: str = "127.0.0.1", port: int = 8000,
+def serve_http(backend: EngineClient, host: str = "127.0.0.1", port: int = 8000,
                ready: Callable[[str], None] | None = None) -> None:
     """Serve the API from this (main) thread until SIGINT or SIGTERM; ``ready(url)`` once it listens."""
 

@@ -2,54 +2,43 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
 
+from actors.endpoint import EngineEndpoint
+from runtime.config import EngineConfig
+from runtime.hybrid.cluster import NAMESPACE, RAY_ENV
 from runtime.hybrid.driver import MAX_CALLERS
-from runtime.outputs import RequestOutput
-from runtime.sampling import SamplingParams
-from runtime.core.handles import StreamChunk
 
 logger = logging.getLogger(__name__)
 
 
-class EngineService:
-    """Holds one hybrid LLM inside the cluster; its executors are this actor's children. Threaded: every
-    caller's request goes straight to the GPU executor's engine, which batches them continuously."""
+class EngineService(EngineEndpoint):
+    """Holds one hybrid ``LLM`` inside the cluster, built from the whole engine config it was given; its
+    executors are this actor's children. Threaded: every caller's request goes straight on to the GPU
+    executor's engine, which batches them continuously."""
 
-    def __init__(self, model: str | None, hot_fraction: float | None, dtype: str | None,
-                 memory_budget_bytes: int | None) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         from runtime.llm import LLM
 
-        self.llm = LLM(model, hot_fraction=hot_fraction, address="auto", dtype=dtype,
-                       memory_budget_bytes=memory_budget_bytes)
+        self.engine = LLM(config=config, is_hybrid=True)
 
-    def info(self) -> dict[str, str | int]:
-        return {"model": self.llm.model_name, "model_dir": str(self.llm.model_dir),
-                "max_model_len": self.llm.max_model_len}
-
-    def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[RequestOutput]:
-        return self.llm.generate(prompts, params)
-
-    def stream(self, prompt: str, params: SamplingParams) -> Iterator[StreamChunk]:
-        yield from self.llm.stream(prompt, params)
-
-    def abort(self, request_id: str) -> None:
-        self.llm.abort(request_id)
+    def info(self) -> dict[str, Any]:
+        return {"model": self.engine.model_name, "model_dir": str(self.engine.model_dir),
+                "max_model_len": self.engine.max_model_len, "config": asdict(self.engine.config)}
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        return self.llm.tokenizer.apply_chat_template(messages)
+        return self.engine.apply_chat_template(messages)
 
     def shutdown(self) -> None:
-        self.llm.shutdown()
+        self.engine.shutdown()
 
 
-def start_service(name: str, model: str | None, hot_fraction: float | None, dtype: str | None,
-                  memory_budget_bytes: int | None):
-    """Create the detached engine actor ``name`` and wait until its model is loaded."""
+def start_service(config: EngineConfig) -> tuple[Any, dict[str, Any]]:
+    """Create the detached engine actor ``config.engine_name`` and wait until its model is loaded."""
     import ray
 
-    from runtime.hybrid.cluster import NAMESPACE, RAY_ENV
-
+    name = config.engine_name
     try:
         ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
@@ -58,7 +47,7 @@ def start_service(name: str, model: str | None, hot_fraction: float | None, dtyp
         raise ValueError(f"an engine named {name!r} already runs on this cluster (pinfer stop --name {name})")
     actor = ray.remote(num_cpus=0, max_concurrency=MAX_CALLERS)(EngineService).options(
         name=name, namespace=NAMESPACE, lifetime="detached",
-        runtime_env={"env_vars": dict(RAY_ENV)}).remote(model, hot_fraction, dtype, memory_budget_bytes)
+        runtime_env={"env_vars": dict(RAY_ENV)}).remote(config)
     try:
         info = ray.get(actor.info.remote())
     except Exception:
@@ -71,8 +60,6 @@ def start_service(name: str, model: str | None, hot_fraction: float | None, dtyp
 def stop_service(name: str) -> bool:
     """Shut the named engine down (its executors and shared memory with it); False if none runs."""
     import ray
-
-    from runtime.hybrid.cluster import NAMESPACE
 
     try:
         actor = ray.get_actor(name, namespace=NAMESPACE)

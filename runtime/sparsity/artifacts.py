@@ -5,6 +5,7 @@ fingerprint so results from another model (or an older conversion) are never use
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -21,12 +22,19 @@ class MissingArtifactError(PinferError, FileNotFoundError):
 
 
 def model_fingerprint(model_dir: Path) -> str:
-    """sha256 over config.json and each weight file's name, size, first and last MiB (fast, content-bound)."""
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
+    """sha256 over config.json and each weight file's name, size, first and last MiB (fast, content-bound);
+    computed once per process for files that have not changed since."""
+    files = [Path(model_dir) / "config.json", *sorted(Path(model_dir).glob("*.safetensors"))]
+    return _fingerprint(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(files: tuple[tuple[str, int, int], ...]) -> str:
+    (config, _, _), *weights = files
+    h = hashlib.sha256(Path(config).read_bytes())
+    for name, size, _ in weights:
+        h.update(f"{Path(name).name}:{size}".encode())
+        with open(name, "rb") as fh:
             h.update(fh.read(1 << 20))
             fh.seek(max(0, size - (1 << 20)))
             h.update(fh.read(1 << 20))

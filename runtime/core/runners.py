@@ -1,0 +1,69 @@
+"""Runners: who owns the weights and the forward pass under the request loop, in this process."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from runtime.config import EngineConfig
+from runtime.model.config import ModelConfig
+from runtime.model.ffn_shard import FFNShard
+from runtime.model.transformer import KVCache, StepInput, Transformer
+from runtime.model.weights import load_transformer
+from runtime.sparsity.online import MaskFn, gate_thresholds, predictor_mask_fn
+
+
+class Runner(Protocol):
+    cfg: ModelConfig
+
+    def new_cache(self, num_slots: int, max_len: int) -> Any: ...
+
+    def forward(self, tokens: torch.Tensor, step: StepInput, cache: Any, all_logits: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> fp32 logits [B, V] of each row's last position ([B, T, V] with ``all_logits``)."""
+        ...
+
+
+class DenseRunner:
+    """The dense reference model."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        self.cfg = model.cfg
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg, num_slots, max_len, self.model.embed.dtype)
+
+    def forward(self, tokens: torch.Tensor, step: StepInput, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        return self.model(tokens, step, cache, all_logits=all_logits)
+
+
+class SparseRunner:
+    """The model's attention path plus one FFN shard holding every neuron, computed sparsely."""
+
+    def __init__(self, model: Transformer, shard: FFNShard, mask_fn: MaskFn | None) -> None:
+        self.model, self.shard, self.mask_fn = model, shard, mask_fn
+        self.cfg = model.cfg
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg, num_slots, max_len, self.model.lm_head_t.dtype)
+
+    def ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        mask = None if self.mask_fn is None else self.mask_fn(layer, h)
+        return self.shard.partial(layer, h, mask=mask)
+
+    def forward(self, tokens: torch.Tensor, step: StepInput, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        return self.model(tokens, step, cache, ffn=self.ffn, all_logits=all_logits)
+
+
+def build_runner(config: EngineConfig, model_dir: Path) -> DenseRunner | SparseRunner:
+    """The in-process runner ``config`` asks for (dense, or one sparse shard of every neuron)."""
+    dtype = getattr(torch, config.dtype)
+    if config.sparsity == "dense":
+        return DenseRunner(load_transformer(model_dir, dtype))
+    model = load_transformer(model_dir, dtype, with_ffn=False)
+    every = [np.arange(model.cfg.intermediate_size)] * model.cfg.num_hidden_layers
+    shard = FFNShard.load(model_dir, every, dtype, mode=config.sparsity,
+                          tau_gate=gate_thresholds(model_dir, config), num_threads=config.num_threads)
+    return SparseRunner(model, shard, predictor_mask_fn(model_dir, config))

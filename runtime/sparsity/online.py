@@ -1,0 +1,60 @@
+"""What an engine computes with from the offline results: gate thresholds, the predictors' mask, the
+activation frequencies that placement ranks neurons by, and a digest that names all of them."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.config import EngineConfig
+from runtime.sparsity import artifacts
+from runtime.sparsity.profile import calibration_name
+
+MaskFn = Callable[[int, torch.Tensor], torch.Tensor]       # (layer, x [N, d]) -> active neurons [N, n_ff] bool
+PLACEMENT_SPARSITY = 0.5      # whose calibration ranks neurons for placement when the engine runs dense
+
+
+def prepare_hint(model_dir: Path, activation_sparsity: float) -> str:
+    return f"pinfer prepare --model {model_dir} --sparsity {activation_sparsity}"
+
+
+def artifacts_digest(model_dir: Path, config: EngineConfig) -> str | None:
+    """A short hash of the offline results ``config`` computes with (None when dense): results recorded under
+    one digest must not mix with those of re-calibrated thresholds or retrained predictors."""
+    if config.sparsity == "dense":
+        return None
+    names = [calibration_name(config.activation_sparsity)] + (["predictors"] if config.sparsity == "predictor" else [])
+    return artifacts.manifest_digest(model_dir, names, prepare_hint(model_dir, config.activation_sparsity))
+
+
+def gate_thresholds(model_dir: Path, config: EngineConfig) -> list[float] | None:
+    """Per-layer tau_gate of gate mode (None in the other modes)."""
+    if config.sparsity != "gate":
+        return None
+    cal, _ = artifacts.load(model_dir, calibration_name(config.activation_sparsity),
+                            prepare_hint(model_dir, config.activation_sparsity))
+    return cal["tau_gate"].tolist()
+
+
+def predictor_mask_fn(model_dir: Path, config: EngineConfig, device: torch.device | str = "cpu") -> MaskFn | None:
+    """The trained predictors' per-row mask of predictor mode (None in the other modes)."""
+    if config.sparsity != "predictor":
+        return None
+    from runtime.sparsity.predictor import load_predictors
+
+    predictors = load_predictors(model_dir, config.activation_sparsity, getattr(torch, config.dtype), device)
+    return lambda layer, x: predictors[layer].mask(x)
+
+
+def activation_frequencies(model_dir: Path, config: EngineConfig) -> tuple[list[np.ndarray], str] | None:
+    """Per layer, each neuron's share of calibration tokens it is active for (at the engine's activation
+    threshold, or at ``PLACEMENT_SPARSITY``'s when dense), and the calibration's name; None if not calibrated."""
+    name = calibration_name(config.activation_sparsity or PLACEMENT_SPARSITY)
+    try:
+        cal, _ = artifacts.load(model_dir, name, "")
+    except artifacts.MissingArtifactError:
+        return None
+    layers = sorted((k for k in cal if k.endswith(".frequency")), key=lambda k: int(k.split("_")[1].split(".")[0]))
+    return [cal[k] for k in layers], name
