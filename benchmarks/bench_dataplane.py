@@ -5,9 +5,10 @@ per-layer work does nothing, so what is timed is pure coordination cost:
 
 1. plain Ray actor calls: the driver does ``ray.get([gpu.ffn.remote(l), cpu.ffn.remote(l)])``;
 2. a Ray Compiled Graph (``MultiOutputNode`` of both actors, ``ray.get(compiled.execute(l))``);
-3. pinfer's channel: the ``LayerScheduler`` hop runs inside the GPU-executor actor (hot work is local
-   and empty): it writes one hidden row (float32, ``--hidden``) into the shared arena, rings the cold
-   executor over the AF_UNIX SEQPACKET doorbell, waits, and adds the cold row; timed inside that actor.
+3. pinfer's channel, timed inside the GPU-executor actor: ``pinfer_doorbell`` writes one hidden row
+   (float32, ``--hidden``) into the shared arena, rings the cold executor over the AF_UNIX SEQPACKET
+   doorbell and waits for its answer (``scheduler/channel.py``); ``pinfer_hop`` is the whole
+   ``LayerScheduler.ffn`` (the same, plus the empty hot call and the torch gather + add).
 
 Mechanisms 1-2 are timed per iteration in the driver and carry only the layer index. Rounds
 interleave the mechanisms; warm-up iterations are excluded. The compiled graph is compiled and torn
@@ -87,14 +88,20 @@ class SchedulerHost:
         every = [True] * N_LAYERS
         self.scheduler = LayerScheduler(channel, self.views, lambda layer, h, mask: h, None, every, every)
 
-    def measure(self, n_iters: int, n_layers: int) -> list[float]:
-        """Per-layer latency (us) of ``n_iters`` layer round trips."""
+    def measure(self, n_iters: int, n_layers: int, whole_hop: bool) -> list[float]:
+        """Per-layer latency (us) of ``n_iters`` layer round trips: the channel alone (write the row, ring, wait),
+        or the whole hop (``LayerScheduler.ffn``: also the hot call and the gather + add)."""
         assert self.scheduler is not None, "connect() first"
-        row, ffn, clock = self.row, self.scheduler.ffn, time.perf_counter_ns
+        row, clock, channel, x = self.row, time.perf_counter_ns, self.scheduler.channel, self.arena.x
+        row_np = row.numpy()
         out = []
         for i in range(n_iters):
             t0 = clock()
-            ffn(i % n_layers, row)
+            if whole_hop:
+                self.scheduler.ffn(i % n_layers, row)
+            else:
+                x[0] = row_np[0]
+                channel.wait(channel.request(i % n_layers, 1), i % n_layers)
             out.append((clock() - t0) / 1e3)
         return out
 
@@ -174,11 +181,13 @@ def main() -> None:
             return time_driver(lambda layer: ray.get([ray_gpu.ffn.remote(layer), ray_cpu.ffn.remote(layer)]), n)
 
         runs: dict[str, Callable[[int], list[float]]] = {
-            "pinfer_doorbell": lambda n: ray.get(host.measure.remote(n, N_LAYERS)),
+            "pinfer_doorbell": lambda n: ray.get(host.measure.remote(n, N_LAYERS, False)),
+            "pinfer_hop": lambda n: ray.get(host.measure.remote(n, N_LAYERS, True)),
             "compiled_graph": compiled_graph, "ray_calls": ray_calls}
-        counts = {"pinfer_doorbell": args.iters, "compiled_graph": args.iters, "ray_calls": max(300, args.iters // 5)}
+        counts = {"pinfer_doorbell": args.iters, "pinfer_hop": args.iters, "compiled_graph": args.iters,
+                  "ray_calls": max(300, args.iters // 5)}
         samples: dict[str, list[float]] = {k: [] for k in runs}
-        for warm_up in (runs["pinfer_doorbell"], ray_calls):                 # discarded
+        for warm_up in (runs["pinfer_doorbell"], runs["pinfer_hop"], ray_calls):                 # discarded
             warm_up(args.warmup)
         for r in range(args.rounds):                                         # interleaved rounds
             for name, run in runs.items():
@@ -205,7 +214,8 @@ def main() -> None:
     print(f"dataplane per-layer round trip (2 executors, empty work, {cores} cores): pinfer doorbell "
           f"{pin['median_us']:.0f} us median (p99 {pin['p99_us']:.0f}) vs {vs('compiled_graph', 'compiled graph')} "
           f"vs {vs('ray_calls', 'ray calls')}; x{N_LAYERS} layers = {pin['per_token_us_24_layers'] / 1e3:.2f} ms/token"
-          f" -> target <= {TARGET_US:.0f} us: {'met' if met else 'NOT met'}")
+          f"; whole hop {res['pinfer_hop']['median_us']:.0f} us -> target <= {TARGET_US:.0f} us: "
+          f"{'met' if met else 'NOT met'}")
     print("RESULT " + json.dumps({"mechanisms": res, "target_us": TARGET_US, "target_met": met, "cores": cores,
                                   "n_layers": N_LAYERS, "hidden": args.hidden, "rounds": args.rounds,
                                   "warmup": args.warmup, "ray_calls_iters": "max(300, iters // 5)"}))

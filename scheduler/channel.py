@@ -3,7 +3,9 @@ arena's layout, the doorbell messages, and both ends of the protocol. Pure Pytho
 
 Per FFN layer the hot side writes the normed hidden rows (and the predictor's mask) into the arena once,
 sends ``LayerRequest(FFN, seq, layer, num_rows)``, and reads the cold partial sum from the arena after the
-``LayerReply`` with the same ``seq``. Nothing but these few integers crosses the socket.
+``LayerReply`` with the same ``seq``. Nothing but these few integers crosses the socket: a message is a
+msgpack array in its NamedTuple's field order, sent field by field (no tuple is built on the send path)
+and read back into the NamedTuple.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import NamedTuple
 
 import numpy as np
@@ -73,7 +74,9 @@ class ArenaRef(NamedTuple):
 
 # ---- the messages ------------------------------------------------------------------------------------
 
-class Op(IntEnum):
+class Op:
+    """``LayerRequest.op`` values (plain ints: the per-layer path packs and compares them)."""
+
     STOP = 0
     FFN = 1
     PING = 2
@@ -105,10 +108,10 @@ class ColdChannel:
         self._bell.settimeout(timeout_s)
         self._seq = 0
 
-    def request(self, layer: int, num_rows: int, op: Op = Op.FFN) -> int:
+    def request(self, layer: int, num_rows: int, op: int = Op.FFN) -> int:
         self._seq += 1
         try:
-            self._bell.send(*LayerRequest(op, self._seq, layer, num_rows))
+            self._bell.send(op, self._seq, layer, num_rows)         # a LayerRequest
         except DoorbellClosed as e:
             raise ColdExecutorError(f"cold executor unreachable at layer {layer}: {e}") from e
         return self._seq
@@ -164,5 +167,5 @@ def serve_cold(bell: Doorbell, work: Callable[[int, int], None]) -> None:
                 ok, error = False, f"{type(e).__name__}: {e}"
         elif req.op != Op.PING:
             ok, error = False, f"unknown op {req.op}"
-        bell.send(*LayerReply(req.seq, ok, t0, time.perf_counter_ns(), error))
+        bell.send(req.seq, ok, t0, time.perf_counter_ns(), error)    # a LayerReply
     bell.close()

@@ -52,6 +52,9 @@ class LayerScheduler:
         self.channel, self.arena, self.hot, self.predictor = channel, arena, hot, predictor
         self.has_hot, self.has_cold = has_hot, has_cold
         self.max_rows = arena.x.shape[0]
+        # The cold partial moves (to the device, to the dtype) only where it must: on the CPU in fp32 it is
+        # used in place.
+        self._moves = arena.y_cold.device != arena.device or arena.y_cold.dtype != arena.dtype
         self.is_tracing = False
         self.events: list[LayerEvent] = []
 
@@ -79,7 +82,9 @@ class LayerScheduler:
         reply = self.channel.wait(seq, layer)                # the cold partial is in the arena now
         self._trace(layer, "hot", t0, t1)
         self._trace(layer, "cold", reply.start_ns, reply.end_ns)
-        y_cold = a.y_cold[:n].to(a.device, non_blocking=True).to(a.dtype)          # gather: no copy on the CPU
+        y_cold = a.y_cold[:n]                                # gather: no copy on the CPU
+        if self._moves:
+            y_cold = y_cold.to(a.device, non_blocking=True).to(a.dtype)
         return y_cold.clone() if y_hot is None else y_hot + y_cold
 
     def _trace(self, layer: int, side: str, start_ns: int, end_ns: int) -> None:
