@@ -12,8 +12,7 @@ from runtime.config import EngineConfig
 from runtime.core.engine import Engine
 from runtime.core.runners import build_runner
 from runtime.core.sequence import eos_token_ids
-from runtime.model.config import ModelConfig
-from runtime.model.registry import default_model, resolve_model
+from runtime.model.registry import open_model
 from runtime.model.tokenizer import TextTokenizer
 from runtime.outputs import EngineStats, RequestOutput
 from runtime.sampling import SamplingParams
@@ -40,11 +39,8 @@ class LLM(EngineClientBase):
     """
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **options: Any) -> None:
-        config = EngineConfig.resolve(config, model=model, **options)
-        name = config.model or default_model()
-        self.model_dir = resolve_model(name)
-        model_cfg = ModelConfig.load(self.model_dir)
-        self.config = config.for_model(name, model_cfg.max_position_embeddings)    # resolved once, passed down
+        # Resolved once (options, then the model's own limits) and passed down unchanged.
+        self.config, self.model_dir, model_cfg = open_model(EngineConfig.resolve(config, model=model, **options))
         self.tokenizer = TextTokenizer(self.model_dir)
         self.eos_token_ids = eos_token_ids(model_cfg, self.tokenizer)
         if self.config.is_hybrid:

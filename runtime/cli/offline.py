@@ -92,14 +92,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_place(args: argparse.Namespace) -> int:
     """The hot neurons the engine would hold under these engine options, solved (or found cached) as it does."""
     from runtime.hybrid.placement import GpuMemory, coverage, place
-    from runtime.model.config import ModelConfig
-    from runtime.model.registry import default_model, resolve_model
+    from runtime.model.registry import open_model
     from runtime.sparsity.online import activation_frequencies
 
-    config = engine_config(args)
-    model_dir = resolve_model(config.model or default_model())
-    model_cfg = ModelConfig.load(model_dir)
-    config = config.for_model(config.model or default_model(), model_cfg.max_position_embeddings)
+    config, model_dir, model_cfg = open_model(engine_config(args))
     splits = place(config, model_dir, model_cfg)
     calibrated = activation_frequencies(model_dir, config)
     hot, total = sum(len(s.hot) for s in splits), model_cfg.num_hidden_layers * model_cfg.intermediate_size

@@ -10,7 +10,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from runtime.evals.results import ResultStore, RunSettings, SampleRecord, sideca
 from runtime.evals.sandbox import ExecResult, Sandbox, SandboxLimits
 from runtime.config import EngineConfig
 from runtime.llm import LLM
-from runtime.model.registry import default_model, resolve_model
+from runtime.model.registry import open_model
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
 from runtime.sparsity.online import artifacts_digest
@@ -92,8 +92,7 @@ def run_humaneval(cfg: EvalConfig, llm: LLM | None = None, show_progress: bool =
         raise ValueError(f"the given LLM runs sparsity {llm.config.sparsity!r} at {llm.config.activation_sparsity}, "
                          f"the config says {cfg.engine.sparsity!r} at {cfg.engine.activation_sparsity}; results "
                          f"would be recorded under the wrong settings")
-    engine = llm.config if llm is not None else replace(cfg.engine, model=cfg.engine.model or default_model())
-    model_dir = llm.model_dir if llm is not None else resolve_model(engine.model)
+    engine, model_dir = (llm.config, llm.model_dir) if llm is not None else open_model(cfg.engine)[:2]
     settings = cfg.run_settings(engine, artifacts_digest(model_dir, engine))
     if cfg.num_samples > 1 and cfg.temperature == 0:
         logger.warning("greedy decoding with --n %d: every sample of a problem is the same", cfg.num_samples)

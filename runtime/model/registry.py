@@ -13,7 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from runtime.config import EngineConfig
 from runtime.errors import ChecksumMismatchError, MissingPackageDataError, ModelNotFoundError
+from runtime.model.config import ModelConfig
 from runtime.paths import CONFIG_DIR, cache_dir
 
 logger = logging.getLogger(__name__)
@@ -192,6 +194,14 @@ def resolve_model(model: str) -> Path:
                                      f"(path from configs/models.yaml: {source.path})")
         return directory
     return _converted(_verified_gguf(source), source.name, source.sha256)
+
+
+def open_model(config: EngineConfig) -> tuple[EngineConfig, Path, ModelConfig]:
+    """The model ``config`` names (or the default) as (config resolved for it, its directory, its config)."""
+    name = config.model or default_model()
+    model_dir = resolve_model(name)
+    model_cfg = ModelConfig.load(model_dir)
+    return config.for_model(name, model_cfg.max_position_embeddings), model_dir, model_cfg
 
 
 def download(name: str) -> None:
