@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import aclosing
 from typing import Any, Protocol
 
 from runtime.outputs import RequestOutput, StreamChunk
@@ -56,13 +55,12 @@ class EngineClientBase:
         whole ``output``. Leaving the loop early cancels the request."""
         return self._requests().stream(prompt, params or SamplingParams(), request_id=request_id)
 
-    async def astream(self, prompt: str, params: SamplingParams | None = None,
-                      request_id: str | None = None) -> AsyncIterator[StreamChunk]:
+    def astream(self, prompt: str, params: SamplingParams | None = None,
+                request_id: str | None = None) -> AsyncIterator[StreamChunk]:
         """``stream`` for an asyncio event loop (which never blocks on the engine); closing it early (or
-        cancelling the iterating task) cancels the request. A refused request raises at the first chunk."""
-        async with aclosing(self._requests().astream(prompt, params or SamplingParams(), request_id)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        cancelling the iterating task) cancels the request. A refused request raises at the first chunk (the
+        engines' ``astream`` are async generators: nothing runs before it is iterated)."""
+        return self._requests().astream(prompt, params or SamplingParams(), request_id)
 
     def abort(self, request_id: str) -> None:
         """Cancel a running or waiting request by id (its result ends with finish_reason "abort")."""
