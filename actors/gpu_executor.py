@@ -59,11 +59,15 @@ class GPUExecutor(EngineEndpoint):
                  max_rows: int = MAX_ROWS) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.set_num_threads(config.gpu_threads)
-        self.dtype = getattr(torch, config.dtype)
+        on_cpu = self.device.type == "cpu"                    # quantized kernels run there; CUDA dequantizes
+        self.dtype = getattr(torch, config.cpu_dtype if on_cpu else config.dtype)
         self.cfg = ModelConfig.load(model_dir)
-        self.model: Transformer = load_transformer(model_dir, self.dtype, self.cfg, with_ffn=False).to(self.device)
+        self.model: Transformer = load_transformer(model_dir, self.dtype, self.cfg, with_ffn=False,
+                                                   weights=config.weights, dequantize=not on_cpu).to(self.device)
+        # Attention and the head run while the CPU executor waits for its next layer: they may use every core.
+        self.model.set_num_threads(config.num_threads)
         self.hot = FFNShard.load(model_dir, spec.neurons, self.dtype, self.device, config.sparsity, spec.tau_gate,
-                                 config.gpu_threads)
+                                 config.gpu_threads, config.weights)
         self.predictor = predictor_mask_fn(Path(model_dir), config, self.device)     # predictor mode only
         self.arena = LayerArena(ArenaLayout(max_rows, self.cfg.hidden_size, self.cfg.intermediate_size))
         x, y_cold, mask = (torch.from_numpy(a) for a in (self.arena.x, self.arena.y_cold, self.arena.mask))
@@ -100,8 +104,7 @@ class GPUExecutor(EngineEndpoint):
         return y
 
     def resident_bytes(self) -> int:
-        params = sum(t.numel() * t.element_size() for t in self.model.parameters())
-        return params + self.hot.nbytes()
+        return self.model.weight_bytes() + self.hot.nbytes()
 
     def hot_neurons(self) -> list[np.ndarray]:
         return [n.numpy() for n in self.hot.neurons]

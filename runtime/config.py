@@ -4,6 +4,7 @@ eval harness. Adding an option means one field here and its use site: the YAML k
 (``runtime/cli/args.py`` builds the flags from these fields) and the ``LLM(...)`` keyword follow."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -13,12 +14,28 @@ import yaml
 
 from runtime.paths import CONFIG_DIR
 
+logger = logging.getLogger(__name__)
+
 DTYPES = ("float32", "bfloat16")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
 SPARSITY_MODES = ("dense", "gate", "predictor")
+WEIGHT_FORMATS = ("q8", "q4", "fp32")
 PLACEMENTS = ("fraction", "topk", "ilp")
 # Options that only mean something on the hybrid runtime: setting one (and not is_hybrid) selects it.
 HYBRID_OPTIONS = ("address", "hot_fraction", "placement", "memory_budget_mb", "tau_hot", "min_per_layer")
+
+
+_WARNED: list[bool] = []
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512_BF16 or AMX-BF16 in /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _option(default: Any, help: str, flag: str | None = None, choices: tuple[str, ...] | None = None,
@@ -44,7 +61,11 @@ class EngineConfig:
                                                    "cache; 'topk'/'ilp' fill what is left with hot neurons")
     tau_hot: float | None = _option(None, "'topk'/'ilp': only neurons active at least this often go hot")
     min_per_layer: int = _option(0, "'ilp': C_l, the fewest hot neurons of a layer that has any")
-    dtype: str = _option("float32", "weights and activations", choices=DTYPES)
+    weights: str = _option("fp32", "weight storage: 'q8' / 'q4' block-quantized rows run by the SIMD kernels "
+                                   "(made from the GGUF's own blocks where they map), 'fp32' dequantized floats "
+                                   "in `dtype` (the exactness reference)", choices=WEIGHT_FORMATS)
+    dtype: str = _option("float32", "float weights and activations ('fp32' weights; the GPU executor on CUDA)",
+                         choices=DTYPES)
     sparsity: str = _option("dense", "which FFN neurons each token computes (gate/predictor need `pinfer "
                                      "prepare`)", choices=SPARSITY_MODES)
     activation_sparsity: float = _option(0.0, "target share of inactive (token, neuron) pairs for gate/predictor")
@@ -71,8 +92,9 @@ class EngineConfig:
             check(ok, f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
             return ok
 
-        for name in ("dtype", "sparsity", "placement"):
-            allowed = {"dtype": DTYPES, "sparsity": SPARSITY_MODES, "placement": PLACEMENTS}[name]
+        for name in ("weights", "dtype", "sparsity", "placement"):
+            allowed = {"weights": WEIGHT_FORMATS, "dtype": DTYPES, "sparsity": SPARSITY_MODES,
+                       "placement": PLACEMENTS}[name]
             check(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}; "
                                                   f"got {getattr(self, name)!r}")
         check(isinstance(self.is_hybrid, bool), f"is_hybrid must be true or false, got {self.is_hybrid!r}")
@@ -135,6 +157,24 @@ class EngineConfig:
         return [f.name for f in fields(cls)]
 
     # ---- derived values ----------------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        return self.weights != "fp32"
+
+    @property
+    def cpu_dtype(self) -> str:
+        """What the CPU computes in: float32 for quantized kernels, else ``dtype``, except that bfloat16 on a
+        CPU without native bf16 (torch emulates it, ~7x slower than float32) falls back to float32, said once."""
+        if self.quantized:
+            return "float32"
+        if self.dtype == "bfloat16" and not native_bf16():
+            if not _WARNED:
+                _WARNED.append(True)
+                logger.warning("bfloat16 on this CPU (no AVX512_BF16/AMX) is emulated and ~7x slower than float32: "
+                               "computing in float32 instead (weights='q8' or 'q4' are faster still)")
+            return "float32"
+        return self.dtype
+
     @property
     def bytes_per_value(self) -> int:
         return 4 if self.dtype == "float32" else 2

@@ -12,3 +12,11 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("PINFER_CACHE", Path.home() / ".cache" / "pinfer"))
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     return root
+
+
+QUANTIZED_PREFIX = "weights-"      # quantized containers beside a model's checkpoint (runtime/model/qweights.py)
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """A model directory's float safetensors files (not the quantized containers made from them)."""
+    return sorted(f for f in Path(model_dir).glob("*.safetensors") if not f.name.startswith(QUANTIZED_PREFIX))

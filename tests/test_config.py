@@ -95,3 +95,17 @@ def test_llm_rejects_unknown_options(tiny_model_dir: Path) -> None:
     llm = LLM(str(tiny_model_dir), max_model_len=64, config=EngineConfig(max_batch_size=2))
     assert (llm.config.max_model_len, llm.config.max_batch_size, llm.max_model_len) == (64, 2, 64)
     llm.shutdown()
+
+
+def test_bfloat16_without_native_support_computes_in_float32_and_says_so_once(monkeypatch, caplog) -> None:
+    import runtime.config as config_module
+
+    monkeypatch.setattr(config_module, "native_bf16", lambda: False)
+    monkeypatch.setattr(config_module, "_WARNED", [])
+    cfg = EngineConfig(dtype="bfloat16")
+    with caplog.at_level("WARNING", logger="runtime.config"):
+        assert cfg.cpu_dtype == "float32" and cfg.cpu_dtype == "float32"
+    assert len([r for r in caplog.records if "emulated" in r.message]) == 1
+    assert EngineConfig(dtype="bfloat16", weights="q8").cpu_dtype == "float32"
+    monkeypatch.setattr(config_module, "native_bf16", lambda: True)
+    assert cfg.cpu_dtype == "bfloat16" and cfg.dtype == "bfloat16"

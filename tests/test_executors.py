@@ -69,7 +69,9 @@ def test_executors_equal_the_in_process_engine_with_chunked_prefill(tiny_model_d
     local.shutdown()
 
 
-def test_executors_in_bfloat16_track_the_in_process_engine(tiny_model_dir: Path, executors) -> None:
+def test_executors_in_bfloat16_track_the_in_process_engine(tiny_model_dir: Path, executors,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("runtime.config.native_bf16", lambda: True)      # the bf16 arithmetic on any CPU
     ex = Executors(tiny_model_dir, hot_fraction=0.3, dtype="bfloat16")
     executors.append(ex)
     local16, local32 = _local(tiny_model_dir, dtype="bfloat16"), _local(tiny_model_dir)

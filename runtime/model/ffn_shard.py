@@ -6,6 +6,10 @@ Modes (the same on both executors):
 - ``predictor`` (PowerInfer): gate/up/down rows only of the neurons the predictor's mask selects.
 Sparse modes keep the weights neuron-major (one neuron = consecutive rows) for the sparse kernel; a
 batch reads the union of its rows' neurons once, and each row keeps only its own active neurons.
+
+Quantized weights (q8/q4) are neuron-major in every mode: the shard holds the memory-mapped layer of the
+container and its neurons' global ids, and the block kernels read exactly those neurons' rows (dense =
+all of them). On devices without the kernels the shard's rows are dequantized into the float layouts.
 """
 from __future__ import annotations
 
@@ -18,9 +22,12 @@ import torch
 
 from runtime.config import SPARSITY_MODES
 from runtime.model.config import ModelConfig
-from runtime.model.transformer import ACTIVATIONS, ffn_activations
+from runtime.model.qkernels import QNeurons, qffn, qgate
+from runtime.model.qweights import open_quantized
+from runtime.model.activations import ACTIVATIONS
+from runtime.model.transformer import ffn_activations
 from runtime.model.sparse_kernel import sparse_ffn
-from runtime.model.weights import Checkpoint
+from runtime.model.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +40,8 @@ class ShardSpec:
 
 
 class FFNShard:
-    def __init__(self, cfg: ModelConfig, neurons: Sequence[np.ndarray], mode: str, weights: dict[str, list[torch.Tensor]],
+    def __init__(self, cfg: ModelConfig, neurons: Sequence[np.ndarray], mode: str,
+                 weights: dict[str, list[torch.Tensor]] | list[QNeurons],
                  tau_gate: Sequence[float] | None = None, num_threads: int = 1) -> None:
         if mode not in SPARSITY_MODES:
             raise ValueError(f"sparsity mode must be one of {SPARSITY_MODES}, got {mode!r}")
@@ -42,6 +50,7 @@ class FFNShard:
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.neurons = [torch.as_tensor(np.asarray(n), dtype=torch.long) for n in neurons]   # global ids per layer
         self.w = weights
+        self.quantized: list[QNeurons] | None = weights if isinstance(weights, list) else None
         self.tau_gate = None if tau_gate is None else [float(t) for t in tau_gate]
         self.num_computed = 0            # neurons computed (summed over layers and steps), for achieved sparsity
         self.num_offered = 0
@@ -49,33 +58,47 @@ class FFNShard:
     @classmethod
     def load(cls, model_dir: str | Path, neurons: Sequence[np.ndarray], dtype: torch.dtype,
              device: torch.device | str = "cpu", mode: str = "dense", tau_gate: Sequence[float] | None = None,
-             num_threads: int = 1) -> "FFNShard":
-        """Read only the given neurons' rows from the checkpoint (memory-mapped), laid out for ``mode``."""
+             num_threads: int = 1, weights: str = "fp32", dequantize: bool | None = None) -> "FFNShard":
+        """Only the given neurons' rows of the checkpoint (memory-mapped), laid out for ``mode``. Quantized
+        ``weights`` stay quantized on the CPU unless ``dequantize`` (default: on other devices)."""
         cfg = ModelConfig.load(model_dir)
         if mode == "gate" and not cfg.is_gated_ffn:
             raise ValueError("gate mode needs a gated FFN (SwiGLU/ReGLU); this model has none")
-        ckpt = Checkpoint(Path(model_dir))
-        mats = ["gate", "up"] if cfg.is_gated_ffn else ["up"]
+        if weights != "fp32":
+            q = open_quantized(model_dir, weights)
+            layers = [q.neurons(i, cfg) for i in range(cfg.num_hidden_layers)]
+            if not (torch.device(device).type != "cpu" if dequantize is None else dequantize):
+                return cls(cfg, neurons, mode, layers, tau_gate, num_threads)
+            rows_of = lambda i, idx: layers[i].matrices(idx)                          # noqa: E731
+        else:
+            ckpt = Checkpoint(Path(model_dir))
+
+            def rows_of(layer: int, idx: np.ndarray) -> dict[str, torch.Tensor]:     # [n, d] each
+                p, rows = f"model.layers.{layer}.mlp.", torch.as_tensor(idx, dtype=torch.long)
+                m = {n: ckpt.get(p + f"{n}_proj.weight", dtype)[rows] for n in ("gate", "up") if cfg.is_gated_ffn or n == "up"}
+                m["down"] = ckpt.get(p + "down_proj.weight", dtype)[:, rows].t()
+                return m
         w: dict[str, list[torch.Tensor]] = {k: [] for k in ("gate_up_t", "down_t", "gate_t", "rows")}
         for layer, idx in enumerate(neurons):
-            rows = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-            p = f"model.layers.{layer}.mlp."
-            m = {name: ckpt.get(p + f"{name}_proj.weight", dtype)[rows] for name in mats}          # [n, d]
-            down = ckpt.get(p + "down_proj.weight", dtype)[:, rows].t()                          # [n, d]
+            m = {k: v.to(dtype) for k, v in rows_of(layer, np.asarray(idx)).items()}
+            mats, down = [m[k] for k in ("gate", "up") if k in m], m["down"]
             if mode == "dense":
-                w["gate_up_t"].append(torch.stack([m[k].t() for k in mats], dim=2).contiguous().to(device))
+                w["gate_up_t"].append(torch.stack([t.t() for t in mats], dim=2).contiguous().to(device))
                 w["down_t"].append(down.contiguous().to(device))
             elif mode == "gate":                           # dense gate GEMV, then (up, down) rows per neuron
                 w["gate_t"].append(m["gate"].t().contiguous().to(device))
                 w["rows"].append(torch.stack([m["up"], down], dim=1).contiguous().to(device))    # [n, 2, d]
             else:
-                w["rows"].append(torch.stack([*m.values(), down], dim=1).contiguous().to(device))  # [n, 3|2, d]
+                w["rows"].append(torch.stack([*mats, down], dim=1).contiguous().to(device))      # [n, 3|2, d]
         return cls(cfg, neurons, mode, w, tau_gate, num_threads)
 
     def num_neurons(self, layer: int) -> int:
         return len(self.neurons[layer])
 
     def nbytes(self) -> int:
+        """Bytes of this shard's neurons (for quantized weights: the mapped rows it reads)."""
+        if self.quantized is not None:
+            return sum(q.nbytes(len(n)) for q, n in zip(self.quantized, self.neurons))
         return sum(t.numel() * t.element_size() for ts in self.w.values() for t in ts)
 
     def partial(self, layer: int, x: torch.Tensor, out: torch.Tensor | None = None,
@@ -86,6 +109,8 @@ class FFNShard:
         """
         n_local = self.num_neurons(layer)
         self.num_offered += n_local
+        if self.quantized is not None:
+            return self._quantized_partial(layer, x, out, mask)
         if self.mode == "dense":
             self.num_offered += n_local * (x.shape[0] - 1)
             self.num_computed += n_local * x.shape[0]
@@ -104,3 +129,24 @@ class FFNShard:
         self.num_computed += int(local.sum())
         return sparse_ffn(x, self.w["rows"][layer], idx, self.act_name, self.num_threads, gate_act, out,
                           row_mask=local if x.shape[0] > 1 else None)
+
+    def _quantized_partial(self, layer: int, x: torch.Tensor, out: torch.Tensor | None,
+                           mask: torch.Tensor | None) -> torch.Tensor:
+        q, ids, n = self.quantized[layer], self.neurons[layer], x.shape[0]
+        self.num_offered += len(ids) * (n - 1)
+        if self.mode == "dense":
+            self.num_computed += len(ids) * n
+            return qffn(x, q, ids, self.act_name, self.num_threads, out=out)
+        gate_act = None
+        if self.mode == "gate":
+            gate_act = self.act(qgate(x, q, ids, self.num_threads))                       # [N, n]
+            local = gate_act.abs() > self.tau_gate[layer]
+        elif mask is None:
+            raise ValueError("predictor mode needs the predictor's mask")
+        else:
+            local = mask[:, ids]                                                           # [N, n]
+        pos = local.any(0).nonzero().squeeze(1)
+        self.num_computed += int(local.sum())
+        return qffn(x, q, ids[pos], self.act_name, self.num_threads,
+                    gate_act=None if gate_act is None else gate_act[:, pos],
+                    row_mask=local[:, pos] if n > 1 else None, out=out)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from runtime.model.config import ModelConfig
+from runtime.model.qweights import QUANTIZED_FORMATS, weights_path, write_quantized
 from runtime.model.tokenizer import build_tokenizer_json
 
 logger = logging.getLogger(__name__)
@@ -89,8 +90,10 @@ def read_gguf_config(fields: dict[str, Any]) -> ModelConfig:
     )
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """Dequantize a GGUF into a pinfer model directory; returns ``out_dir``."""
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32",
+                 quantized: tuple[str, ...] = QUANTIZED_FORMATS) -> Path:
+    """Dequantize a GGUF into a pinfer model directory, plus the quantized containers ``quantized`` made
+    from the GGUF's own blocks where they map exactly; returns ``out_dir``."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -102,22 +105,40 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float
     cfg.attention_bias = "blk.0.attn_q.bias" in names
     cfg.tie_word_embeddings = "output.weight" not in names
 
-    state: dict[str, torch.Tensor] = {}
+    values: dict[str, np.ndarray] = {}
+    blocks: dict[str, tuple[np.ndarray, str]] = {}        # GGUF's raw blocks [rows, bytes] and type, by HF name
     for t in tqdm(reader.tensors, desc=f"dequantize {Path(gguf_path).name}", unit="tensor", leave=False):
-        w = dequantize(t.data, t.tensor_type).reshape([int(s) for s in reversed(t.shape)])
+        shape = [int(s) for s in reversed(t.shape)]
+        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        raw = np.asarray(t.data).reshape(shape[0], -1) if len(shape) == 2 else None
         kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
         if cfg.model_type == "llama" and kind in ("attn_q", "attn_k"):
-            w = _unpermute_rope_rows(w, cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads)
-        state[_hf_name(t.name)] = torch.from_numpy(np.array(w, dtype=np.float32)).to(torch_dtype)
+            heads = cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads
+            w = _unpermute_rope_rows(w, heads)
+            raw = None if raw is None else _unpermute_rope_rows(raw, heads)
+        name = _hf_name(t.name)
+        values[name] = w
+        if raw is not None:
+            blocks[name] = (raw, t.tensor_type.name)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_json, tokenizer_cfg = build_tokenizer_json(fields)
     (out / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_cfg, ensure_ascii=False, indent=1))
+    state = {k: torch.from_numpy(v).to(torch_dtype) for k, v in values.items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "source": Path(gguf_path).name})
+    del state
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(hf, indent=1))
-    logger.info("converted %s -> %s (%d tensors, %s)", gguf_path, out, len(state), dtype)
+
+    def get(name: str) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+        raw, kind = blocks.get(name, (None, None))
+        return values[name], raw, kind
+
+    for weights in quantized:
+        write_quantized(weights_path(out, weights), cfg, weights, get, values.__contains__, Path(gguf_path).name)
+    logger.info("converted %s -> %s (%d tensors, %s; quantized: %s)", gguf_path, out, len(values), dtype,
+                ", ".join(quantized) or "none")
     return out

@@ -20,7 +20,7 @@ from runtime.paths import CONFIG_DIR, cache_dir
 
 logger = logging.getLogger(__name__)
 
-CONVERTED_FORMAT = 1          # bump when the converted layout changes, to re-convert caches
+CONVERTED_FORMAT = 2          # bump when the converted layout changes, to re-convert caches
 
 
 @dataclass(slots=True, frozen=True)
@@ -194,6 +194,18 @@ def resolve_model(model: str) -> Path:
                                      f"(path from configs/models.yaml: {source.path})")
         return directory
     return _converted(_verified_gguf(source), source.name, source.sha256)
+
+
+def source_gguf(model: str) -> Path:
+    """The verified GGUF file a registry name (or a ``.gguf`` path) converts from, e.g. for llama.cpp."""
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    _, sources = load_registry()
+    source = sources.get(model)
+    if not isinstance(source, ModelSource):
+        raise ModelNotFoundError(f"model {model!r} has no GGUF source in the registry")
+    return _verified_gguf(source)
 
 
 def open_model(config: EngineConfig) -> tuple[EngineConfig, Path, ModelConfig]:

@@ -3,48 +3,33 @@ which releases the GIL) and the PyTorch formulation it must equal."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import subprocess
 from pathlib import Path
 
 import torch
 
-from runtime.paths import cache_dir
+from runtime.model.activations import ACT_CODES, ACTIVATIONS
+from runtime.model.cbuild import build_library
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("sparse_ffn.c")
-ACT_CODES = {"silu": 0, "relu": 1, "gelu": 2, "gelu_pytorch_tanh": 3}
 _lib: ctypes.CDLL | None | bool = None          # None: not tried yet; False: unavailable
 
 
 def _load() -> ctypes.CDLL | None:
     global _lib
     if _lib is None:
-        src = _SOURCE.read_bytes()
-        tag = hashlib.sha256(src + platform.machine().encode() + platform.node().encode()).hexdigest()[:16]
-        out = cache_dir() / "kernels" / f"sparse_ffn-{tag}.so"
-        try:
-            if not out.exists():
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_suffix(f".{os.getpid()}.tmp")
-                cc = os.environ.get("CC", "gcc")
-                subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(_SOURCE),
-                                "-o", str(tmp), "-lm"], check=True, capture_output=True, timeout=120)
-                os.replace(tmp, out)
-            lib = ctypes.CDLL(str(out))
+        lib = build_library(_SOURCE)
+        if lib is None:
+            logger.warning("sparse FFN kernel unavailable; using the PyTorch formulation")
+        else:
             lib.pinfer_sparse_ffn.restype = ctypes.c_int
             lib.pinfer_sparse_ffn.argtypes = [
                 ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                 ctypes.c_void_p, ctypes.c_int]
-            _lib = lib
-        except (OSError, subprocess.SubprocessError) as e:
-            logger.warning("sparse FFN kernel unavailable (%s); using the PyTorch formulation", e)
-            _lib = False
+        _lib = lib or False
     return _lib or None
 
 
@@ -56,8 +41,6 @@ def sparse_ffn_reference(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, ac
                          gate_act: torch.Tensor | None = None, row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch formulation: x [N, d], w [n, 3|2, d] (gate, up, down | up, down), idx [k] -> y [N, d];
     ``row_mask`` [N, n] keeps a_j(x_r) only where row r needs neuron j."""
-    from runtime.model.transformer import ACTIVATIONS
-
     rows = w.index_select(0, idx)                                   # [k, 3|2, d]
     up = x @ rows[:, -2].t()                                        # [N, k]
     if gate_act is not None:

@@ -1,7 +1,8 @@
 """Dense reference transformer (LLaMA / Qwen2 family): the equations, with the FFN kept neuron-major.
 
-Weights are stored input-major (``x @ W_t``): on these CPUs that matrix-vector product streams memory
-about twice as fast as ``F.linear(x, W)``. FFN neuron j owns the column pair ``w_gate_up_t[:, j] =
+Float weights are stored input-major (``x @ W_t``): on these CPUs that matrix-vector product streams memory
+about twice as fast as ``F.linear(x, W)``. Quantized weights are ``QMatrix`` rows (``linear`` runs them through
+the block kernels); the quantized FFN lives in neuron shards (``ffn_shard``), never in ``FFN``. FFN neuron j owns the column pair ``w_gate_up_t[:, j] =
 (gate_j, up_j)`` and the row ``w_down_t[j]``, so a subset of neurons is an index along the n_ff axis
 of both; the hybrid runtime splits layers along that axis.
 """
@@ -15,15 +16,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.model.activations import ACTIVATIONS
 from runtime.model.config import ModelConfig
-
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu, "relu": F.relu, "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
+from runtime.model.qkernels import QMatrix, attention_decode, embed_rows, qlinear
 
 # (layer index, normed hidden [N, d]) -> FFN output [N, d]; the hybrid runtime plugs in here.
 FFNFn = Callable[[int, torch.Tensor], torch.Tensor]
+# A projection: an input-major float tensor [in, out], or quantized output rows [out, in / 32 blocks].
+Weight = torch.Tensor | QMatrix
+
+
+def linear(x: torch.Tensor, w: Weight, num_threads: int | None = None) -> torch.Tensor:
+    """x [..., in] -> [..., out] (quantized: on ``num_threads`` kernel threads, default torch's count)."""
+    return x @ w if isinstance(w, torch.Tensor) else qlinear(x, w, num_threads)
+
+
+def lookup(embed: Weight, tokens: torch.Tensor) -> torch.Tensor:
+    """Embedding rows of tokens [B, T] -> [B, T, d]."""
+    return embed[tokens] if isinstance(embed, torch.Tensor) else embed_rows(embed, tokens)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -106,12 +116,13 @@ class Attention(nn.Module):
         self.w_qkv_t = nn.Parameter(torch.empty(cfg.hidden_size, qkv_out), requires_grad=False)
         self.b_qkv = nn.Parameter(torch.empty(qkv_out), requires_grad=False) if cfg.attention_bias else None
         self.w_o_t = nn.Parameter(torch.empty(self.num_heads * self.head_dim, cfg.hidden_size), requires_grad=False)
+        self.num_threads: int | None = None
 
     def forward(self, x: torch.Tensor, step: StepInput, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, hd = self.num_heads, self.num_kv, self.head_dim
-        qkv = x @ self.w_qkv_t                                                  # [B, T, (H+2KV)*hd]
+        qkv = linear(x, self.w_qkv_t, self.num_threads)                        # [B, T, (H+2KV)*hd]
         if self.b_qkv is not None:
             qkv = qkv + self.b_qkv
         q, k, v = qkv.view(B, T, H + 2 * KV, hd).split([H, KV, KV], dim=2)    # [B, T, *, hd]
@@ -123,7 +134,7 @@ class Attention(nn.Module):
         values = v_cache[step.rows, :, :step.ctx_len]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=step.mask,
                                              is_causal=step.is_causal, enable_gqa=KV != H)  # [B, H, T, hd]
-        return out.transpose(1, 2).reshape(B, T, H * hd) @ self.w_o_t
+        return linear(out.transpose(1, 2).reshape(B, T, H * hd), self.w_o_t, self.num_threads)
 
 
 class FFN(nn.Module):
@@ -159,6 +170,14 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn = FFN(cfg)
 
+    def decode_attention(self, x: torch.Tensor, step: StepInput, cos: torch.Tensor, sin: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float) -> torch.Tensor:
+        """Quantized decode (one token per row): x [B, d] += attn(norm(x)) in place; returns ffn_norm(x)."""
+        a = self.attn
+        return attention_decode(x, self.attn_norm, self.ffn_norm, eps, a.w_qkv_t, a.b_qkv, a.w_o_t, a.num_heads,
+                                a.num_kv, cos, sin, k_cache, v_cache, step.slots[:, 0], step.positions[:, 0],
+                                a.num_threads or torch.get_num_threads())
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -168,9 +187,24 @@ class Transformer(nn.Module):
         self.norm = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
         self.lm_head_t = nn.Parameter(torch.empty(cfg.hidden_size, cfg.vocab_size), requires_grad=False)
         # Tied models look tokens up in the head's columns (a strided gather of d values per token).
-        self.embed: torch.Tensor = self.lm_head_t.t() if cfg.tie_word_embeddings else \
+        self.embed: Weight = self.lm_head_t.t() if cfg.tie_word_embeddings else \
             nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.dtype = torch.float32           # activations and KV cache
+        self.fused_decode = True             # quantized decode steps run each attention block as one C call
+        self.num_threads: int | None = None  # quantized kernels' threads (None: torch's count)
+
+    def set_num_threads(self, n: int) -> None:
+        """Threads of the quantized kernels outside the FFN (attention, head)."""
+        self.num_threads = n
+        for layer in self.layers:
+            layer.attn.num_threads = n
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights held here (float parameters and quantized matrices, each counted once)."""
+        mats = [self.lm_head_t, self.embed] + [w for b in self.layers for w in (b.attn.w_qkv_t, b.attn.w_o_t)]
+        quantized = {id(w): w.nbytes for w in mats if isinstance(w, QMatrix)}
+        return sum(p.numel() * p.element_size() for p in self.parameters()) + sum(quantized.values())
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B, T, 1, hd] for positions [B, T] (fp32 angles, as in the reference)."""
@@ -184,12 +218,16 @@ class Transformer(nn.Module):
         """tokens [B, T] -> logits [B, V] of the last position (``all_logits``: [B, T, V]), fp32."""
         B, T = tokens.shape
         eps = self.cfg.rms_norm_eps
-        x = self.embed[tokens]                                                  # [B, T, d]
+        x = lookup(self.embed, tokens)                                          # [B, T, d]
         cos, sin = self.rope(step.positions, x.dtype)
+        fused = T == 1 and self.fused_decode and isinstance(self.lm_head_t, QMatrix)   # quantized decode: one C call
         for i, layer in enumerate(self.layers):
-            x = x + layer.attn(rms_norm(x, layer.attn_norm, eps), step, cos, sin, cache.k[i], cache.v[i])
-            h = rms_norm(x, layer.ffn_norm, eps).view(B * T, -1)               # [N, d]
+            if fused:                                                           # x += attn(...) in place
+                h = layer.decode_attention(x.view(B, -1), step, cos, sin, cache.k[i], cache.v[i], eps)
+            else:
+                x = x + layer.attn(rms_norm(x, layer.attn_norm, eps), step, cos, sin, cache.k[i], cache.v[i])
+                h = rms_norm(x, layer.ffn_norm, eps).view(B * T, -1)           # [N, d]
             x = x + (layer.ffn(h) if ffn is None else ffn(i, h)).view(B, T, -1)
         if not all_logits:
             x = x[:, -1]
-        return (rms_norm(x, self.norm, eps) @ self.lm_head_t).float()
+        return linear(rms_norm(x, self.norm, eps), self.lm_head_t, self.num_threads).float()

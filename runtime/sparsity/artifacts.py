@@ -15,6 +15,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from runtime.errors import PinferError
+from runtime.paths import checkpoint_files
 
 
 class MissingArtifactError(PinferError, FileNotFoundError):
@@ -24,7 +25,7 @@ class MissingArtifactError(PinferError, FileNotFoundError):
 def model_fingerprint(model_dir: Path) -> str:
     """sha256 over config.json and each weight file's name, size, first and last MiB (fast, content-bound);
     computed once per process for files that have not changed since."""
-    files = [Path(model_dir) / "config.json", *sorted(Path(model_dir).glob("*.safetensors"))]
+    files = [Path(model_dir) / "config.json", *checkpoint_files(Path(model_dir))]
     return _fingerprint(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
 
 

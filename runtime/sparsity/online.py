@@ -44,7 +44,8 @@ def predictor_mask_fn(model_dir: Path, config: EngineConfig, device: torch.devic
         return None
     from runtime.sparsity.predictor import load_predictors
 
-    predictors = load_predictors(model_dir, config.activation_sparsity, getattr(torch, config.dtype), device)
+    dtype = config.cpu_dtype if torch.device(device).type == "cpu" else config.dtype
+    predictors = load_predictors(model_dir, config.activation_sparsity, getattr(torch, dtype), device)
     return lambda layer, x: predictors[layer].mask(x)
 
 

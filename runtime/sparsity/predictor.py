@@ -37,7 +37,8 @@ import torch
 from tqdm import tqdm
 
 from runtime.model.config import ModelConfig
-from runtime.model.transformer import ACTIVATIONS, Transformer, ffn_activations
+from runtime.model.activations import ACTIVATIONS
+from runtime.model.transformer import Transformer, ffn_activations
 from runtime.sparsity import artifacts, corpus
 from runtime.sparsity.profile import calibration_name, run_with_ffn_hook
 

@@ -1,0 +1,571 @@
+/* Block-quantized matrix kernels: dense and neuron-sparse, 1..B activation rows.
+ *
+ * Weight rows are sequences of 32-element blocks along the input dimension, in ggml's layouts:
+ *   Q8_0: fp16 d, int8 q[32]                        (34 bytes)  w = d * q
+ *   Q4_1: fp16 d, fp16 m, 16 bytes of nibbles       (20 bytes)  w = d * q + m, q in 0..15;
+ *         byte i holds element i (low nibble) and element i + 16 (high nibble).
+ * Activations are quantized once per call to XBlock (fp32 d, s = d * sum(q), int8 q[32]), so a weight
+ * block's dot product is one integer multiply-add of 32 pairs:
+ *   Q8_0 . x = d_w d_x sum(q_w q_x)          Q4_1 . x = d_w d_x sum(q_w q_x) + m_w s_x
+ *
+ * Paths: AVX2 (+FMA, F16C) when the compiler targets it (this file is built on the machine that runs it,
+ * with -march=native), and a portable scalar one; pinfer_set_isa() selects between the compiled paths
+ * (tests compare them). Activation quantization is shared scalar code, so the paths differ only in the
+ * order of float sums.
+ *
+ * FFN neurons are neuron-major: neuron j's bytes are [gate row][up row][down row] (gate only when gated),
+ * each row d/32 blocks; gate/up share one format and down has its own. y_r += a_j(x_r) * down_j over the
+ * listed neurons; threads split the list and each sums into its own buffer, reduced at the end.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define HAVE_AVX2 1
+#else
+#define HAVE_AVX2 0
+#endif
+
+enum { FMT_Q8_0 = 0, FMT_Q4_1 = 1 };
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1 };
+#define QK 32
+#define TILE 4 /* activation rows sharing one unpacked weight block */
+
+typedef struct { float d, s; int8_t q[QK]; } XBlock;
+
+static int g_isa = HAVE_AVX2 ? ISA_AVX2 : ISA_SCALAR;
+
+int pinfer_best_isa(void) { return HAVE_AVX2 ? ISA_AVX2 : ISA_SCALAR; }
+int pinfer_set_isa(int isa) {
+    if (isa < 0 || isa > pinfer_best_isa()) return -1;
+    g_isa = isa;
+    return 0;
+}
+int pinfer_xblock_bytes(void) { return (int)sizeof(XBlock); }
+int pinfer_block_bytes(int fmt) { return fmt == FMT_Q8_0 ? 34 : fmt == FMT_Q4_1 ? 20 : -1; }
+
+static inline float fp16_to_f32(uint16_t h) {
+#if HAVE_AVX2
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else {                                          /* subnormal: normalize */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+static inline float half_at(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return fp16_to_f32(h); }
+
+static inline float actf(float v, int act) {
+    switch (act) {
+    case 0: return v / (1.f + expf(-v));                                         /* silu */
+    case 1: return v > 0.f ? v : 0.f;                                             /* relu */
+    case 2: return 0.5f * v * (1.f + erff(v * 0.70710678f));                      /* gelu */
+    default: return 0.5f * v * (1.f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));
+    }
+}
+
+/* One block of 32 activations -> 8-bit levels with d = amax / 127, rounded half to even (as rintf). */
+static void quantize_block_scalar(const float *v, XBlock *out) {
+    float amax = 0.f;
+    for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(v[i]));
+    const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+    int sum = 0;
+    for (int i = 0; i < QK; i++) {
+        const int q = (int)rintf(v[i] * inv);
+        out->q[i] = (int8_t)q;
+        sum += q;
+    }
+    out->d = d;
+    out->s = d * (float)sum;
+}
+
+#if HAVE_AVX2
+static void quantize_block_avx2(const float *v, XBlock *out) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 m = _mm256_andnot_ps(sign, _mm256_loadu_ps(v));
+    for (int i = 8; i < QK; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float d = _mm_cvtss_f32(m4) / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+    const __m256 vi = _mm256_set1_ps(inv);
+    __m256i q32[4];
+    for (int i = 0; i < 4; i++)
+        q32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * i), vi),
+                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256i q16a = _mm256_packs_epi32(q32[0], q32[1]), q16b = _mm256_packs_epi32(q32[2], q32[3]);
+    _mm256_storeu_si256((__m256i *)out->q, _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16a, q16b),
+                                                                        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    const __m256i s32 = _mm256_add_epi32(_mm256_add_epi32(q32[0], q32[1]), _mm256_add_epi32(q32[2], q32[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    out->d = d;
+    out->s = d * (float)_mm_cvtsi128_si32(s4);
+}
+#endif
+
+/* x [n_rows, k] fp32 -> xq [n_rows, k/32] blocks; k % 32 == 0. */
+void pinfer_quantize_x(const float *x, int64_t n_rows, int64_t k, XBlock *xq) {
+    const int64_t n = n_rows * (k / QK);
+#if HAVE_AVX2
+    if (g_isa == ISA_AVX2) {
+        for (int64_t b = 0; b < n; b++) quantize_block_avx2(x + b * QK, xq + b);
+        return;
+    }
+#endif
+    for (int64_t b = 0; b < n; b++) quantize_block_scalar(x + b * QK, xq + b);
+}
+
+/* ---- dot products of one weight row with nr (<= TILE) activation rows ------------------------------ */
+
+static void dot_rows_scalar(const uint8_t *w, int fmt, int64_t nb, const XBlock *const *x, int nr, float *out) {
+    for (int r = 0; r < nr; r++) out[r] = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        if (fmt == FMT_Q8_0) {
+            const uint8_t *blk = w + b * 34;
+            const float d = half_at(blk);
+            const int8_t *q = (const int8_t *)(blk + 2);
+            for (int r = 0; r < nr; r++) {
+                const XBlock *xb = x[r] + b;
+                int s = 0;
+                for (int i = 0; i < QK; i++) s += q[i] * xb->q[i];
+                out[r] += d * xb->d * (float)s;
+            }
+        } else {
+            const uint8_t *blk = w + b * 20;
+            const float d = half_at(blk), m = half_at(blk + 2);
+            const uint8_t *q = blk + 4;
+            for (int r = 0; r < nr; r++) {
+                const XBlock *xb = x[r] + b;
+                int s = 0;
+                for (int i = 0; i < QK / 2; i++) s += (q[i] & 0xF) * xb->q[i] + (q[i] >> 4) * xb->q[i + 16];
+                out[r] += d * xb->d * (float)s + m * xb->s;
+            }
+        }
+    }
+}
+
+#if HAVE_AVX2
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static void dot_rows_avx2(const uint8_t *w, int fmt, int64_t nb, const XBlock *const *x, int nr, float *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[TILE];
+    float mins[TILE] = {0};
+    for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
+    if (fmt == FMT_Q8_0) {
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = w + b * 34;
+            const float d = half_at(blk);
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+            const __m256i aq = _mm256_sign_epi8(q, q);                       /* |q_w| as u8 */
+            for (int r = 0; r < nr; r++) {
+                const XBlock *xb = x[r] + b;
+                const __m256i sx = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xb->q), q);
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sx), ones);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), _mm256_cvtepi32_ps(p), acc[r]);
+            }
+        }
+    } else {
+        const __m256i low = _mm256_set1_epi8(0xF);
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = w + b * 20;
+            const float d = half_at(blk), m = half_at(blk + 2);
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 4));
+            const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+            for (int r = 0; r < nr; r++) {
+                const XBlock *xb = x[r] + b;
+                const __m256i p = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)xb->q)), ones);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), _mm256_cvtepi32_ps(p), acc[r]);
+                mins[r] += m * xb->s;
+            }
+        }
+    }
+    for (int r = 0; r < nr; r++) out[r] = hsum(acc[r]) + mins[r];
+}
+#endif
+
+#if HAVE_AVX2
+/* Integer dot products of one block, as 8 int32 partial sums. */
+static inline __m256i idot_q8(const uint8_t *blk, const __m256i xq) {
+    const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xq, q)),
+                             _mm256_set1_epi16(1));
+}
+static inline __m256i idot_q41(const uint8_t *blk, const __m256i xq) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 4));
+    const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0xF));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, xq), _mm256_set1_epi16(1));
+}
+#define PREFETCH 768 /* bytes ahead in each weight stream: DRAM latency outlasts a row's compute */
+#define SCALED(blk, xb, p, acc) _mm256_fmadd_ps(_mm256_set1_ps(half_at(blk) * (xb)->d), _mm256_cvtepi32_ps(p), acc)
+
+/* Two weight rows of one format against one activation row; each row keeps two accumulator chains. */
+#define DOT2_LOOP(BS, IDOT, MINS)                                                                          \
+    for (; b + 1 < nb; b += 2) {                                                                           \
+        const XBlock *x0 = x + b, *x1 = x + b + 1;                                                         \
+        const __m256i xa = _mm256_loadu_si256((const __m256i *)x0->q);                                    \
+        const __m256i xb = _mm256_loadu_si256((const __m256i *)x1->q);                                    \
+        const uint8_t *p0 = w0 + b * BS, *p1 = w1 + b * BS;                                                \
+        _mm_prefetch((const char *)(p0 + PREFETCH), _MM_HINT_T0);                                          \
+        _mm_prefetch((const char *)(p1 + PREFETCH), _MM_HINT_T0);                                          \
+        a0 = SCALED(p0, x0, IDOT(p0, xa), a0);                                                             \
+        b0 = SCALED(p1, x0, IDOT(p1, xa), b0);                                                             \
+        a1 = SCALED(p0 + BS, x1, IDOT(p0 + BS, xb), a1);                                                   \
+        b1 = SCALED(p1 + BS, x1, IDOT(p1 + BS, xb), b1);                                                   \
+        if (MINS) {                                                                                        \
+            m0 += half_at(p0 + 2) * x0->s + half_at(p0 + BS + 2) * x1->s;                                  \
+            m1 += half_at(p1 + 2) * x0->s + half_at(p1 + BS + 2) * x1->s;                                  \
+        }                                                                                                  \
+    }                                                                                                      \
+    if (b < nb) {                                                                                          \
+        const __m256i xa = _mm256_loadu_si256((const __m256i *)x[b].q);                                   \
+        const uint8_t *p0 = w0 + b * BS, *p1 = w1 + b * BS;                                                \
+        a0 = SCALED(p0, x + b, IDOT(p0, xa), a0);                                                          \
+        b0 = SCALED(p1, x + b, IDOT(p1, xa), b0);                                                          \
+        if (MINS) {                                                                                        \
+            m0 += half_at(p0 + 2) * x[b].s;                                                                \
+            m1 += half_at(p1 + 2) * x[b].s;                                                                \
+        }                                                                                                  \
+    }
+#endif
+
+/* Two weight rows against one activation row (decode): independent accumulator chains hide FMA latency. */
+static void dot2(const uint8_t *w0, const uint8_t *w1, int fmt, int64_t nb, const XBlock *x, float *o0, float *o1) {
+#if HAVE_AVX2
+    if (g_isa == ISA_AVX2) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+        float m0 = 0.f, m1 = 0.f;
+        int64_t b = 0;
+        if (fmt == FMT_Q8_0) {
+            DOT2_LOOP(34, idot_q8, 0)
+        } else {
+            DOT2_LOOP(20, idot_q41, 1)
+        }
+        *o0 = hsum(_mm256_add_ps(a0, a1)) + m0;
+        *o1 = hsum(_mm256_add_ps(b0, b1)) + m1;
+        return;
+    }
+#endif
+    dot_rows_scalar(w0, fmt, nb, &x, 1, o0);
+    dot_rows_scalar(w1, fmt, nb, &x, 1, o1);
+}
+
+static inline void dot_rows(const uint8_t *w, int fmt, int64_t nb, const XBlock *const *x, int nr, float *out) {
+#if HAVE_AVX2
+    if (g_isa == ISA_AVX2) { dot_rows_avx2(w, fmt, nb, x, nr, out); return; }
+#endif
+    dot_rows_scalar(w, fmt, nb, x, nr, out);
+}
+
+/* ---- y += a * row (dequantized), one row of k values ---------------------------------------------- */
+
+static void axpy_row(const uint8_t *w, int fmt, int64_t nb, float a, float *y) {
+#if HAVE_AVX2
+    if (g_isa == ISA_AVX2) {
+        for (int64_t b = 0; b < nb; b++, y += QK) {
+            __m256 v[4];
+            if (fmt == FMT_Q8_0) {
+                const uint8_t *blk = w + b * 34;
+                const __m256 ad = _mm256_set1_ps(a * half_at(blk));
+                for (int i = 0; i < 4; i++) {
+                    const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * i)));
+                    v[i] = _mm256_fmadd_ps(ad, _mm256_cvtepi32_ps(q), _mm256_loadu_ps(y + 8 * i));
+                }
+            } else {
+                const uint8_t *blk = w + b * 20;
+                const __m256 ad = _mm256_set1_ps(a * half_at(blk)), am = _mm256_set1_ps(a * half_at(blk + 2));
+                const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 4));
+                const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0xF));
+                const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0xF));
+                const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+                for (int i = 0; i < 4; i++) {
+                    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
+                    v[i] = _mm256_add_ps(_mm256_fmadd_ps(ad, q, _mm256_loadu_ps(y + 8 * i)), am);
+                }
+            }
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + 8 * i, v[i]);
+        }
+        return;
+    }
+#endif
+    for (int64_t b = 0; b < nb; b++, y += QK) {
+        if (fmt == FMT_Q8_0) {
+            const uint8_t *blk = w + b * 34;
+            const float ad = a * half_at(blk);
+            const int8_t *q = (const int8_t *)(blk + 2);
+            for (int i = 0; i < QK; i++) y[i] += ad * (float)q[i];
+        } else {
+            const uint8_t *blk = w + b * 20;
+            const float ad = a * half_at(blk), am = a * half_at(blk + 2);
+            const uint8_t *q = blk + 4;
+            for (int i = 0; i < QK / 2; i++) {
+                y[i] += ad * (float)(q[i] & 0xF) + am;
+                y[i + 16] += ad * (float)(q[i] >> 4) + am;
+            }
+        }
+    }
+}
+
+/* out [n, k] = dequantized rows idx (all rows when idx is NULL) of a matrix with row stride ld_w bytes. */
+void pinfer_dequantize_rows(const uint8_t *w, int fmt, int64_t ld_w, int64_t k, const int64_t *idx, int64_t n,
+                            float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        float *o = out + i * k;
+        memset(o, 0, k * sizeof(float));
+        axpy_row(w + (idx ? idx[i] : i) * ld_w, fmt, k / QK, 1.f, o);
+    }
+}
+
+static int clamp_threads(int n_threads, int64_t work, int64_t min_per_thread) {
+    int64_t t = n_threads < 1 ? 1 : n_threads;
+    if (t > work / min_per_thread) t = work / min_per_thread;
+    return t < 1 ? 1 : (int)t;
+}
+
+/* y[r, i] = W_{rows[i]} . x_r for i < n (rows = idx, or 0..n-1 when idx is NULL); W rows ld_w bytes apart,
+ * k inputs each; xq [n_rows, k/32]; y row stride ld_y floats. */
+void pinfer_gemv(const uint8_t *w, int fmt, int64_t ld_w, int64_t k, const int64_t *idx, int64_t n,
+                 const XBlock *xq, int n_rows, float *y, int64_t ld_y, int n_threads) {
+    const int64_t nb = k / QK;
+    const int T = clamp_threads(n_threads, n, 64);
+    if (n_rows == 1) {                                  /* decode: two weight rows at a time */
+        const int64_t pairs = (n + 1) / 2;
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+        for (int64_t p = 0; p < pairs; p++) {
+            const int64_t i = 2 * p, i1 = i + 1 < n ? i + 1 : i;
+            float o0, o1;
+            dot2(w + (idx ? idx[i] : i) * ld_w, w + (idx ? idx[i1] : i1) * ld_w, fmt, nb, xq, &o0, &o1);
+            y[i] = o0;
+            y[i1] = o1;
+        }
+        return;
+    }
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *row = w + (idx ? idx[i] : i) * ld_w;
+        for (int r0 = 0; r0 < n_rows; r0 += TILE) {
+            const int nr = n_rows - r0 < TILE ? n_rows - r0 : TILE;
+            const XBlock *xs[TILE];
+            float out[TILE];
+            for (int r = 0; r < nr; r++) xs[r] = xq + (int64_t)(r0 + r) * nb;
+            dot_rows(row, fmt, nb, xs, nr, out);
+            for (int r = 0; r < nr; r++) y[(int64_t)(r0 + r) * ld_y + i] = out[r];
+        }
+    }
+}
+
+/* y += sum over n neurons of a[t] * down[t] (rows of nb blocks): y stays in registers across a group. */
+#define GROUP 16
+static void axpy_group(const uint8_t *const *down, const float *a, int n, int fmt, int64_t nb, float *y) {
+#if HAVE_AVX2
+    if (g_isa == ISA_AVX2 && fmt == FMT_Q8_0) {
+        for (int64_t b = 0; b < nb; b++) {
+            float *yb = y + b * QK;
+            __m256 v0 = _mm256_loadu_ps(yb), v1 = _mm256_loadu_ps(yb + 8), v2 = _mm256_loadu_ps(yb + 16),
+                   v3 = _mm256_loadu_ps(yb + 24);
+            for (int t = 0; t < n; t++) {
+                const uint8_t *blk = down[t] + b * 34;
+                const __m256 ad = _mm256_set1_ps(a[t] * half_at(blk));
+                const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+                v0 = _mm256_fmadd_ps(ad, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm256_castsi256_si128(q))), v0);
+                v1 = _mm256_fmadd_ps(ad, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(_mm256_castsi256_si128(q), 8))), v1);
+                v2 = _mm256_fmadd_ps(ad, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), v2);
+                v3 = _mm256_fmadd_ps(ad, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(_mm256_extracti128_si256(q, 1), 8))), v3);
+            }
+            _mm256_storeu_ps(yb, v0);
+            _mm256_storeu_ps(yb + 8, v1);
+            _mm256_storeu_ps(yb + 16, v2);
+            _mm256_storeu_ps(yb + 24, v3);
+        }
+        return;
+    }
+#endif
+    for (int t = 0; t < n; t++) axpy_row(down[t], fmt, nb, a[t], y);
+}
+
+/* Neuron-sparse FFN: y [n_rows, d] = sum over listed neurons j of a_j(x_r) * down_j.
+ * w: neurons ld_w bytes apart, each [gate][up][down] (no gate when !gated); idx [k] neuron ids.
+ * gate_act [n_rows, ld_gate] (optional): act(gate) already computed, column jj for idx[jj]; then the
+ * gate row is not read. row_mask [n_rows, ld_mask] (optional): row r uses neuron idx[jj] only where
+ * row_mask[r, jj]. Returns 0, or -1 when a per-thread buffer cannot be allocated. */
+int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *w, int64_t ld_w, int fmt_gu, int fmt_down,
+                int gated, const int64_t *idx, int64_t k, const float *gate_act, int64_t ld_gate,
+                const uint8_t *row_mask, int64_t ld_mask, int act, float *y, int n_threads) {
+    const int64_t nb = d / QK, nd = (int64_t)n_rows * d;
+    const int64_t gu_bytes = nb * pinfer_block_bytes(fmt_gu);
+    const int64_t up_off = gated ? gu_bytes : 0, down_off = up_off + gu_bytes;
+    memset(y, 0, nd * sizeof(float));
+    const int T = clamp_threads(n_threads, k, 16);
+    float *part = T > 1 ? calloc((size_t)(T - 1) * nd, sizeof(float)) : NULL;
+    if (T > 1 && !part) return -1;
+#pragma omp parallel num_threads(T) if (T > 1)
+    {
+        const int t = omp_get_thread_num();
+        float *yt = t == 0 ? y : part + (int64_t)(t - 1) * nd;
+        if (n_rows == 1) {                              /* decode: gate and up together, down in groups */
+            const int nt = omp_get_num_threads();
+            const int64_t lo = k * t / nt, hi = k * (t + 1) / nt;
+            const uint8_t *down[GROUP];
+            float a[GROUP];
+            for (int64_t g0 = lo; g0 < hi; g0 += GROUP) {
+                int n = 0;
+                for (int64_t jj = g0; jj < hi && jj < g0 + GROUP; jj++) {
+                    if (row_mask && !row_mask[jj]) continue;
+                    const uint8_t *nrn = w + idx[jj] * ld_w;
+                    float gv, u;
+                    if (gated && !gate_act) {
+                        dot2(nrn, nrn + up_off, fmt_gu, nb, xq, &gv, &u);
+                        a[n] = actf(gv, act) * u;
+                    } else {
+                        const XBlock *x0 = xq;
+                        dot_rows(nrn + up_off, fmt_gu, nb, &x0, 1, &u);
+                        a[n] = gate_act ? gate_act[jj] * u : actf(u, act);
+                    }
+                    down[n++] = nrn + down_off;
+                }
+                axpy_group(down, a, n, fmt_down, nb, yt);
+            }
+        } else
+#pragma omp for schedule(static)
+        for (int64_t jj = 0; jj < k; jj++) {
+            const uint8_t *nrn = w + idx[jj] * ld_w;
+            for (int r0 = 0; r0 < n_rows; r0 += TILE) {
+                const int nr = n_rows - r0 < TILE ? n_rows - r0 : TILE;
+                const XBlock *xs[TILE];
+                float g[TILE], u[TILE];
+                int any = 0;
+                for (int r = 0; r < nr; r++) {
+                    xs[r] = xq + (int64_t)(r0 + r) * nb;
+                    any |= !row_mask || row_mask[(int64_t)(r0 + r) * ld_mask + jj];
+                }
+                if (!any) continue;
+                dot_rows(nrn + up_off, fmt_gu, nb, xs, nr, u);
+                if (gated && !gate_act) dot_rows(nrn, fmt_gu, nb, xs, nr, g);
+                for (int r = 0; r < nr; r++) {
+                    const int64_t row = r0 + r;
+                    if (row_mask && !row_mask[row * ld_mask + jj]) continue;
+                    const float a = gate_act ? gate_act[row * ld_gate + jj] * u[r]
+                                    : gated  ? actf(g[r], act) * u[r]
+                                             : actf(u[r], act);
+                    axpy_row(nrn + down_off, fmt_down, nb, a, yt + row * d);
+                }
+            }
+        }
+    }
+    for (int t = 1; t < T; t++) {
+        const float *p = part + (int64_t)(t - 1) * nd;
+        for (int64_t i = 0; i < nd; i++) y[i] += p[i];
+    }
+    free(part);
+    return 0;
+}
+
+/* ---- one decode step's attention block, fused ------------------------------------------------------ */
+
+static void rms_norm_rows(const float *x, const float *w, int n_rows, int64_t d, float eps, float *out) {
+    for (int r = 0; r < n_rows; r++) {
+        const float *xr = x + r * d;
+        float ss = 0.f;
+        for (int64_t i = 0; i < d; i++) ss += xr[i] * xr[i];
+        const float inv = 1.f / sqrtf(ss / (float)d + eps);
+        for (int64_t i = 0; i < d; i++) out[r * d + i] = w[i] * (xr[i] * inv);
+    }
+}
+
+/* v[hd] <- v * cos + rotate_half(v) * sin, rotate_half(v) = (-v[half:], v[:half]). */
+static void rope(float *v, const float *c, const float *s, int hd) {
+    const int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c[i] - b * s[i];
+        v[i + half] = b * c[i + half] + a * s[i + half];
+    }
+}
+
+/* B rows, one new token each, in place on the residual stream x [B, d]:
+ *   x_r += W_o . attention_r(rope(W_qkv . norm1(x_r) + b_qkv));   h_r = norm2(x_r)  (the FFN's input)
+ * Row r writes its key/value at position pos[r] of cache slot slots[r] ([S, KV, max_len, hd] fp32 caches) and
+ * attends over positions 0..pos[r]; query head i reads key/value head i / (H / KV). cos/sin [B, hd].
+ * Returns 0, or -1 when scratch memory cannot be allocated. */
+int pinfer_attn_decode(float *x, float *h, int B, int64_t d, const float *norm1, const float *norm2, float eps,
+                       const uint8_t *wqkv, int fmt_qkv, const float *bqkv, const uint8_t *wo, int fmt_o, int H,
+                       int KV, int hd, const float *cos_, const float *sin_, float *kc, float *vc, int64_t max_len,
+                       const int64_t *slots, const int64_t *pos, int n_threads) {
+    const int64_t nq = (int64_t)H * hd, nkv = (int64_t)KV * hd, nout = nq + 2 * nkv;
+    int64_t ctx = 0;
+    for (int r = 0; r < B; r++) ctx = pos[r] + 1 > ctx ? pos[r] + 1 : ctx;
+    const int64_t kmax = d > nq ? d : nq;
+    float *xn = calloc((size_t)B * kmax, sizeof(float)), *qkv = malloc(sizeof(float) * B * nout);
+    float *att = malloc(sizeof(float) * B * nq), *scores = malloc(sizeof(float) * B * H * ctx);
+    XBlock *xq = malloc(sizeof(XBlock) * B * (kmax / QK));
+    int rc = 0;
+    if (!xn || !qkv || !att || !scores || !xq) { rc = -1; goto done; }
+
+    rms_norm_rows(x, norm1, B, d, eps, xn);
+    pinfer_quantize_x(xn, B, d, xq);
+    pinfer_gemv(wqkv, fmt_qkv, d / QK * pinfer_block_bytes(fmt_qkv), d, NULL, nout, xq, B, qkv, nout, n_threads);
+    for (int r = 0; r < B; r++) {
+        float *qr = qkv + r * nout;
+        if (bqkv)
+            for (int64_t i = 0; i < nout; i++) qr[i] += bqkv[i];
+        for (int i = 0; i < H + KV; i++) rope(qr + (int64_t)i * hd, cos_ + (int64_t)r * hd, sin_ + (int64_t)r * hd, hd);
+        for (int g = 0; g < KV; g++) {
+            const int64_t at = ((slots[r] * KV + g) * max_len + pos[r]) * hd;
+            memcpy(kc + at, qr + nq + (int64_t)g * hd, sizeof(float) * hd);
+            memcpy(vc + at, qr + nq + nkv + (int64_t)g * hd, sizeof(float) * hd);
+        }
+    }
+    const float scale = 1.f / sqrtf((float)hd);
+    const int T = clamp_threads(n_threads, (int64_t)B * H * ctx, 4096);
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+    for (int64_t rh = 0; rh < (int64_t)B * H; rh++) {
+        const int r = (int)(rh / H), i = (int)(rh % H), g = i / (H / KV);
+        const float *q = qkv + r * nout + (int64_t)i * hd;
+        const float *keys = kc + (slots[r] * KV + g) * max_len * hd, *vals = vc + (slots[r] * KV + g) * max_len * hd;
+        float *s = scores + rh * ctx, *out = att + r * nq + (int64_t)i * hd;
+        const int64_t n = pos[r] + 1;
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t t = 0; t < n; t++) {
+            float dot = 0.f;
+            for (int e = 0; e < hd; e++) dot += q[e] * keys[t * hd + e];
+            s[t] = dot * scale;
+            mx = s[t] > mx ? s[t] : mx;
+        }
+        for (int64_t t = 0; t < n; t++) sum += (s[t] = expf(s[t] - mx));
+        for (int e = 0; e < hd; e++) out[e] = 0.f;
+        for (int64_t t = 0; t < n; t++) {
+            const float p = s[t] / sum;
+            for (int e = 0; e < hd; e++) out[e] += p * vals[t * hd + e];
+        }
+    }
+    pinfer_quantize_x(att, B, nq, xq);
+    pinfer_gemv(wo, fmt_o, nq / QK * pinfer_block_bytes(fmt_o), nq, NULL, d, xq, B, xn, d, n_threads);
+    for (int64_t i = 0; i < (int64_t)B * d; i++) x[i] += xn[i];
+    rms_norm_rows(x, norm2, B, d, eps, h);
+done:
+    free(xn), free(qkv), free(att), free(scores), free(xq);
+    return rc;
+}

@@ -1,0 +1,308 @@
+"""Quantized weights: block formats, the exact mapping of GGUF blocks, every kernel path against its
+reference on odd shapes, the container (round trip, bad files), and the engines on q8/q4 weights."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from runtime import LLM, SamplingParams
+from runtime.model import qkernels as qk
+from runtime.model.config import ModelConfig
+from runtime.model.ffn_shard import FFNShard
+from runtime.model.qformat import QK, dequantize, exact_blocks, quantize, row_bytes
+from runtime.model.qweights import QuantizedCheckpoint, WeightsFileError, open_quantized, weights_path
+from tests.test_executors import PROMPTS, Executors, executors  # noqa: F401  (fixture)
+
+FORMATS = ("q8_0", "q4_1")
+rng = np.random.default_rng(0)
+
+
+@pytest.fixture(params=["scalar", "avx2"])
+def isa(request: pytest.FixtureRequest):
+    """Each kernel path the machine runs; the others are skipped with the reason."""
+    if request.param not in qk.available_isas():
+        pytest.skip(f"this CPU has no {request.param} path (kernel paths here: {qk.available_isas()})")
+    qk.set_isa(request.param)
+    yield request.param
+    qk.set_isa(qk.available_isas()[-1])
+
+
+def x_reference(x: torch.Tensor) -> torch.Tensor:
+    """What the kernels compute with: x rounded to 8-bit blocks (fp32 scale amax/127, round half to even)."""
+    b = x.reshape(x.shape[0], -1, QK).numpy().astype(np.float32)
+    d = np.abs(b).max(-1, keepdims=True) / np.float32(127)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
+    return torch.from_numpy((np.rint(b * inv) * d).reshape(x.shape).astype(np.float32))
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
+    return (a - b).abs().max().item() <= rel * max(1.0, b.abs().max().item())
+
+
+# ---- formats ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_blocks_round_trip_within_half_a_step(fmt: str) -> None:
+    x = rng.standard_normal((7, 96)).astype(np.float32) * rng.uniform(0.01, 10, (7, 1)).astype(np.float32)
+    x[2, :32] = 0.0                                                   # an all-zero block
+    raw = quantize(x, fmt)
+    assert raw.dtype == np.uint8 and raw.shape == (7, row_bytes(fmt, 96))
+    back = dequantize(raw, fmt, 96)
+    blocks = x.reshape(7, 3, QK)
+    step = (np.abs(blocks).max(-1) / 127 if fmt == "q8_0" else np.ptp(blocks, -1) / 15)
+    err = np.abs(back - x).reshape(7, 3, QK).max(-1)
+    assert (err <= 0.5 * step * 1.01 + 1e-3 * step.max()).all()
+    assert (back[2, :32] == 0).all()
+    assert np.array_equal(quantize(back, fmt), raw) or fmt == "q4_1"   # q8_0 is idempotent
+
+
+def test_row_length_must_be_whole_blocks() -> None:
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        quantize(np.zeros((2, 40), np.float32), "q8_0")
+
+
+@pytest.mark.parametrize(("source", "fmt"), [("Q8_0", "q8_0"), ("Q5_0", "q8_0"), ("Q4_0", "q8_0"),
+                                             ("Q4_1", "q4_1"), ("Q4_0", "q4_1")])
+def test_gguf_blocks_map_without_a_second_rounding(source: str, fmt: str) -> None:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
+
+    qtype = GGMLQuantizationType[source]
+    w = rng.standard_normal((6, 128)).astype(np.float32)
+    raw = gguf_quantize(w, qtype)
+    values = np.asarray(gguf_dequantize(raw, qtype), dtype=np.float32).reshape(6, 128)
+    mapped = exact_blocks(raw.reshape(6, -1), values, source, fmt)
+    assert mapped is not None and np.array_equal(dequantize(mapped, fmt, 128), values)
+
+
+def test_sources_that_do_not_map_are_refused() -> None:
+    values = rng.standard_normal((2, 64)).astype(np.float32)
+    assert exact_blocks(quantize(values, "q8_0"), values, "Q8_0", "q4_1") is None     # 8 bits do not fit 4
+    assert exact_blocks(np.zeros((2, 10), np.uint8), values, "Q6_K", "q8_0") is None
+
+
+# ---- kernels, every path -----------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+def test_matrix_vector_kernel_equals_its_reference(isa: str, fmt: str, rows: int) -> None:
+    k, n = 96, 37
+    w = qk.QMatrix(quantize(rng.standard_normal((n, k)).astype(np.float32), fmt), fmt, k)
+    x = torch.randn(rows, k)
+    want = x_reference(x) @ w.dequantize().T
+    for threads in (1, 2):
+        assert close(qk.qlinear(x, w, threads), want)
+    assert qk.qlinear(x.view(rows, 1, k), w).shape == (rows, 1, n)
+
+
+def _neurons(fmt_gu: str, fmt_down: str, d: int = 64, n: int = 53, gated: bool = True) -> tuple[qk.QNeurons, dict]:
+    mats = {name: rng.standard_normal((n, d)).astype(np.float32) for name in ("gate", "up", "down")}
+    raw = np.concatenate([quantize(mats[m], fmt_gu) for m in (("gate", "up") if gated else ("up",))]
+                         + [quantize(mats["down"], fmt_down)], axis=1)
+    q = qk.QNeurons(raw, fmt_gu, fmt_down, d, gated)
+    return q, q.matrices(np.arange(n))
+
+
+@pytest.mark.parametrize(("fmt_gu", "fmt_down"), [("q8_0", "q8_0"), ("q4_1", "q8_0"), ("q4_1", "q4_1")])
+@pytest.mark.parametrize("rows", [1, 2, 6])
+def test_sparse_ffn_kernel_equals_its_reference(isa: str, fmt_gu: str, fmt_down: str, rows: int) -> None:
+    q, m = _neurons(fmt_gu, fmt_down)
+    x = torch.randn(rows, q.d)
+    xr = x_reference(x)
+    idx = torch.tensor([0, 5, 6, 17, 52, 30, 2])
+    mask = torch.rand(rows, len(idx)) < 0.6
+    a = torch.nn.functional.silu(xr @ m["gate"][idx].T) * (xr @ m["up"][idx].T)             # [rows, k]
+    for threads in (1, 3):
+        assert close(qk.qffn(x, q, idx, "silu", threads), a @ m["down"][idx])
+        assert close(qk.qffn(x, q, idx, "silu", threads, row_mask=mask), (a * mask) @ m["down"][idx])
+    gate_act = torch.nn.functional.silu(qk.qgate(x, q, idx, 1))
+    assert close(gate_act, torch.nn.functional.silu(xr @ m["gate"][idx].T))
+    assert close(qk.qffn(x, q, idx, "silu", 2, gate_act=gate_act), a @ m["down"][idx])
+    every = torch.arange(q.num_neurons)
+    dense = qk.qffn(x, q, every, "silu", 1)
+    assert torch.equal(qk.qffn(x, q, every, "silu", 1, row_mask=torch.ones(rows, q.num_neurons, dtype=torch.bool)), dense)
+    assert qk.qffn(x, q, torch.tensor([], dtype=torch.long), "silu", 2).abs().max() == 0
+
+
+def test_ungated_ffn_and_other_activations(isa: str) -> None:
+    q, m = _neurons("q8_0", "q8_0", gated=False)
+    x = torch.randn(3, q.d)
+    idx = torch.arange(0, q.num_neurons, 2)
+    want = torch.relu(x_reference(x) @ m["up"][idx].T) @ m["down"][idx]
+    assert close(qk.qffn(x, q, idx, "relu", 2), want)
+
+
+def test_kernel_paths_agree_with_each_other() -> None:
+    if len(qk.available_isas()) < 2:
+        pytest.skip(f"only one kernel path on this CPU: {qk.available_isas()}")
+    q, _ = _neurons("q4_1", "q8_0")
+    x, idx = torch.randn(5, q.d), torch.arange(q.num_neurons)
+    outs = []
+    for name in qk.available_isas():
+        qk.set_isa(name)
+        outs.append(qk.qffn(x, q, idx, "silu", 1))
+    qk.set_isa(qk.available_isas()[-1])
+    assert all(close(o, outs[0], 1e-5) for o in outs)
+
+
+def test_embedding_rows_and_bad_token_ids() -> None:
+    w = qk.QMatrix(quantize(rng.standard_normal((11, 64)).astype(np.float32), "q8_0"), "q8_0", 64)
+    tokens = torch.tensor([[3, 0, 10]])
+    assert torch.equal(qk.embed_rows(w, tokens), w.dequantize()[tokens])
+    with pytest.raises(IndexError, match="token ids"):
+        qk.embed_rows(w, torch.tensor([[11]]))
+    with pytest.raises(TypeError, match="fp32 CPU activations"):
+        qk.qlinear(torch.randn(1, 64, dtype=torch.bfloat16), w)
+
+
+# ---- the container ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quant_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("quant") / "tiny"
+    shutil.copytree(tiny_model_dir, d)
+    return d
+
+
+@pytest.mark.parametrize("weights", ["q8", "q4"])
+def test_container_round_trips_the_float_checkpoint(quant_dir: Path, weights: str) -> None:
+    from runtime.model.checkpoint import Checkpoint
+
+    cfg, ckpt = ModelConfig.load(quant_dir), Checkpoint(quant_dir)
+    q = open_quantized(quant_dir, weights)                           # built on first use
+    assert weights_path(quant_dir, weights).is_file() and q.weights == weights
+    d = cfg.hidden_size
+    qkv = q.matrix("model.layers.1.self_attn.qkv", d).dequantize()
+    want = torch.cat([ckpt.get(f"model.layers.1.self_attn.{n}_proj.weight", torch.float32) for n in "qkv"])
+    assert (qkv - want).abs().max() < 0.1 * want.abs().max()
+    rows = np.array([0, 7, 159])
+    m = q.neurons(2, cfg).matrices(rows)
+    assert torch.allclose(m["down"], ckpt.get("model.layers.2.mlp.down_proj.weight", torch.float32)[:, rows].T,
+                          atol=0.02 * ckpt.get("model.layers.2.mlp.down_proj.weight", torch.float32).abs().max())
+    assert q.neurons(0, cfg).num_neurons == cfg.intermediate_size
+
+
+def test_bad_and_truncated_weight_files_give_a_clear_error(quant_dir: Path, tmp_path: Path) -> None:
+    good = weights_path(quant_dir, "q8")
+    open_quantized(quant_dir, "q8")
+    data = good.read_bytes()
+    bad = tmp_path / "weights-q8.safetensors"
+    bad.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(WeightsFileError, match="truncated or corrupt"):
+        QuantizedCheckpoint(bad)
+    bad.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    with pytest.raises(WeightsFileError, match="not a readable safetensors"):
+        QuantizedCheckpoint(bad)
+    bad.write_bytes(b"\xff" * 16)
+    with pytest.raises(WeightsFileError, match="does not fit"):
+        QuantizedCheckpoint(bad)
+    with pytest.raises(WeightsFileError, match="not a pinfer quantized weights file"):
+        QuantizedCheckpoint(quant_dir / "model.safetensors")
+    with pytest.raises(ValueError, match="quantized weights must be one of"):
+        open_quantized(quant_dir, "q3")
+
+
+# ---- engines ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weights", ["q8", "q4"])
+def test_quantized_engine_equals_its_dequantized_twin_and_tracks_fp32(quant_dir: Path, weights: str) -> None:
+    """The kernels against the same quantized weights computed in float (the GPU executor's form on CUDA): they
+    differ only by the 8-bit activations; against fp32 q8 stays close (random weights are hard on 4 bits)."""
+    from runtime.core.runners import SparseRunner
+    from runtime.model.transformer import KVCache, StepInput
+    from runtime.model.weights import load_transformer
+
+    cfg = ModelConfig.load(quant_dir)
+    fp32, quant = LLM(str(quant_dir), num_threads=1), LLM(str(quant_dir), num_threads=1, weights=weights)
+    twin_model = load_transformer(quant_dir, with_ffn=False, weights=weights, dequantize=True)
+    assert all(isinstance(p, torch.nn.Parameter) for p in (twin_model.lm_head_t, twin_model.layers[0].attn.w_qkv_t))
+    every = [np.arange(cfg.intermediate_size)] * cfg.num_hidden_layers
+    twin = SparseRunner(twin_model, FFNShard.load(quant_dir, every, torch.float32, weights=weights, dequantize=True),
+                        None)
+    assert twin.shard.quantized is None
+    for p in PROMPTS:
+        ids = quant.tokenizer.encode(p)
+        ref = twin.forward(torch.tensor([ids]), StepInput.build([0], len(ids), [0]), KVCache(cfg, 1, 64, torch.float32))[0]
+        ours = quant.prompt_logits(p)
+        assert torch.isfinite(ours).all() and (ours - ref).abs().max() < 0.05 * ref.abs().max()
+        if weights == "q8":
+            assert (ours - fp32.prompt_logits(p)).abs().max() < 0.15 * ref.abs().max()
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    assert [len(o.token_ids) for o in quant.generate(PROMPTS, greedy)] == [8, 8, 8]
+    fp32.shutdown(), quant.shutdown()
+
+
+@pytest.mark.parametrize("weights", ["q8", "q4"])
+def test_quantized_sparse_shard_with_every_neuron_equals_dense(quant_dir: Path, weights: str) -> None:
+    cfg = ModelConfig.load(quant_dir)
+    every = [np.arange(cfg.intermediate_size)] * cfg.num_hidden_layers
+    dense = FFNShard.load(quant_dir, every, torch.float32, weights=weights)
+    pred = FFNShard.load(quant_dir, every, torch.float32, mode="predictor", weights=weights)
+    x = torch.randn(4, cfg.hidden_size)
+    ones = torch.ones(4, cfg.intermediate_size, dtype=torch.bool)
+    assert torch.equal(pred.partial(1, x, mask=ones), dense.partial(1, x))
+    half = [np.arange(0, cfg.intermediate_size, 2)] * cfg.num_hidden_layers
+    other = [np.arange(1, cfg.intermediate_size, 2)] * cfg.num_hidden_layers
+    split = FFNShard.load(quant_dir, half, torch.float32, weights=weights).partial(1, x) + \
+        FFNShard.load(quant_dir, other, torch.float32, weights=weights).partial(1, x)
+    assert close(split, dense.partial(1, x), 1e-5)
+    assert dense.nbytes() == cfg.num_hidden_layers * open_quantized(quant_dir, weights).neurons(0, cfg).nbytes()
+
+
+def _same_up_to_activation_rounding(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two sums of the same partials in another order feed the next layer's 8-bit activation rounding, which can
+    move an element by one step: quantized splits agree to that, not bit for bit."""
+    return (a - b).abs().max().item() < 0.03 * b.abs().max().item() and a.argmax() == b.argmax()
+
+
+@pytest.mark.parametrize(("weights", "hot_fraction"), [("q8", 0.5), ("q4", 0.3), ("q8", 1.0), ("q4", 0.0)])
+def test_executors_on_quantized_weights_equal_the_in_process_engine(quant_dir: Path, executors, weights: str,
+                                                                    hot_fraction: float) -> None:
+    local = LLM(str(quant_dir), num_threads=1, weights=weights)
+    ex = Executors(quant_dir, max_rows=8, hot_fraction=hot_fraction, weights=weights)
+    executors.append(ex)
+    for p in PROMPTS:
+        ours, want = ex.gpu.prompt_logits(p), local.prompt_logits(p)
+        assert torch.equal(ours, want) if hot_fraction in (0.0, 1.0) else _same_up_to_activation_rounding(ours, want)
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    if hot_fraction in (0.0, 1.0):                        # one side computes every neuron, in the same order
+        assert [o.token_ids for o in ex.gpu.generate(PROMPTS, [greedy] * 3)] == \
+            [o.token_ids for o in local.generate(PROMPTS, greedy)]
+    local.shutdown()
+
+
+def test_gate_mode_on_quantized_weights_hybrid_tracks_in_process(calibrated_tiny: Path, executors) -> None:
+    gate = dict(sparsity="gate", activation_sparsity=0.5, weights="q8")
+    local = LLM(str(calibrated_tiny), num_threads=1, **gate)
+    ex = Executors(calibrated_tiny, hot_fraction=0.4, **gate)
+    executors.append(ex)
+    for p in PROMPTS:
+        assert _same_up_to_activation_rounding(ex.gpu.prompt_logits(p), local.prompt_logits(p))
+    local.prompt_logits(PROMPTS[2])
+    assert 0.3 < local.achieved_sparsity(reset=True) < 0.7
+    local.shutdown()
+
+
+@pytest.mark.parametrize("weights", ["q8", "q4"])
+def test_fused_decode_attention_equals_the_torch_formulation(quant_dir: Path, weights: str) -> None:
+    """Decode steps of two sequences at different positions (batched, one in a later cache slot) through the
+    one-call attention block and through the per-op torch path, on the same quantized weights."""
+    from runtime.core.runners import build_runner
+    from runtime.config import EngineConfig
+    from runtime.model.transformer import StepInput
+
+    config = EngineConfig.resolve(model=str(quant_dir), weights=weights, num_threads=2).for_model(str(quant_dir), 256)
+    runner = build_runner(config, quant_dir)
+    prompts = [[5, 9, 200, 3, 44, 71], [8, 1, 2]]
+    logits = {}
+    for fused in (True, False):
+        runner.model.fused_decode = fused
+        cache = runner.new_cache(3, 32)
+        for slot, ids in zip((0, 2), prompts):
+            runner.forward(torch.tensor([ids]), StepInput.build([0], len(ids), [slot]), cache)
+        steps = []
+        for t in range(4):                                         # both rows decode together
+            tokens = torch.tensor([[17 + t], [30 + t]])
+            steps.append(runner.forward(tokens, StepInput.build([6 + t, 3 + t], 1, [0, 2]), cache))
+        logits[fused] = torch.stack(steps)
+    assert close(logits[True], logits[False], 1e-3)
