@@ -37,7 +37,7 @@ MAX_ROWS = 256               # token rows per layer message (the arena's size); 
 class _HybridRunner:
     """Runner for the engine loop: the dense model with the FFN replaced by the layer scheduler's hop."""
 
-    def __init__(self, executor: "GPUExecutor") -> None:
+    def __init__(self, executor: GPUExecutor) -> None:
         self.x = executor
         self.cfg = executor.cfg
 

@@ -36,7 +36,7 @@ def main() -> None:
     from runtime.model.ffn_shard import FFNShard
     from runtime.model.config import ModelConfig
     from runtime.model.registry import resolve_model
-    from runtime.model.sparse_kernel import kernel_available
+    from runtime.model.kernels.sparse_ffn import kernel_available
 
     torch.set_num_threads(args.threads)
     model_dir = resolve_model(args.model)

@@ -48,12 +48,18 @@ from _common import quiet_logs
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama.cpp": ("llama.cpp", {}),
     "transformers": ("transformers", {}),
+    "pinfer-fp32": ("pinfer", {"weights": "fp32"}),
     "pinfer-q8": ("pinfer", {"weights": "q8"}),
-    "pinfer-q8-hybrid": ("pinfer", {"weights": "q8", "is_hybrid": True, "hot_fraction": 0.5}),
     "pinfer-q4": ("pinfer", {"weights": "q4"}),
+    "pinfer-q8-hybrid": ("pinfer", {"weights": "q8", "is_hybrid": True, "hot_fraction": 0.5}),
     "pinfer-q4-hybrid": ("pinfer", {"weights": "q4", "is_hybrid": True, "hot_fraction": 0.5}),
+    "pinfer-q8-gate30": ("pinfer", {"weights": "q8", "sparsity": "gate", "activation_sparsity": 0.3}),
     "pinfer-q8-gate50": ("pinfer", {"weights": "q8", "sparsity": "gate", "activation_sparsity": 0.5}),
+    "pinfer-q4-gate30": ("pinfer", {"weights": "q4", "sparsity": "gate", "activation_sparsity": 0.3}),
 }
+# q8 is the format within 1% of fp32's perplexity (benchmarks/bench_quality.py); gate 30% keeps HumanEval Pass@1
+DEFAULT_CONFIGS = ["llama.cpp", "transformers", "pinfer-fp32", "pinfer-q8", "pinfer-q4", "pinfer-q8-hybrid",
+                   "pinfer-q8-gate30", "pinfer-q4-gate30"]
 
 PROMPT = "Write a Python function that checks whether a number is prime."
 REFERENCE = "llama.cpp"            # the config every ratio is taken against
@@ -543,7 +549,8 @@ def main() -> None:
                                  epilog="configs: " + ", ".join(CONFIGS))
     ap.add_argument("--model", default="qwen2.5-coder-0.5b", help="registry name (e.g. qwen2.5-coder-0.5b, "
                                                                     "smollm2-135m) or a .gguf file")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated config names (default: all)")
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                    help=f"comma-separated config names (default: {','.join(DEFAULT_CONFIGS)}; all: {','.join(CONFIGS)})")
     ap.add_argument("--threads", type=int, default=2, help="threads of every engine")
     ap.add_argument("--tokens", type=int, default=64, help="greedy tokens generated per run")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per config (after 1 warm-up)")

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,15 @@ def calibrated_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     profile(load_transformer(d), d, TextTokenizer(d).encode, num_tokens=2048)
     calibrate(d, 0.5)
     return d
+
+
+@pytest.fixture
+def executors() -> Iterator[list]:
+    """Executor pairs a test makes (tests/test_executors.py: Executors), closed after it."""
+    made: list = []
+    yield made
+    for e in made:
+        e.close()
 
 
 def gguf_location(name: str) -> tuple[str, str]:

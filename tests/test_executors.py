@@ -3,7 +3,6 @@ bfloat16, gate mode, and a failing cold side."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,14 +42,6 @@ class Executors:
         self.gpu.shutdown()
         self.cpu.shutdown()
         torch.set_num_threads(os.cpu_count() or 1)
-
-
-@pytest.fixture
-def executors() -> Iterator[list[Executors]]:
-    made: list[Executors] = []
-    yield made
-    for e in made:
-        e.close()
 
 
 def _local(model_dir: Path, **options) -> LLM:

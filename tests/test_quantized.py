@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from runtime import LLM, SamplingParams
-from runtime.model import qkernels as qk
 from runtime.model.config import ModelConfig
 from runtime.model.ffn_shard import FFNShard
+from runtime.model.kernels import quantized as qk
 from runtime.model.qformat import QK, dequantize, exact_blocks, quantize, row_bytes
 from runtime.model.qweights import QuantizedCheckpoint, WeightsFileError, open_quantized, weights_path
-from tests.test_executors import PROMPTS, Executors, executors  # noqa: F401  (fixture)
+from tests.test_executors import PROMPTS, Executors
 
 FORMATS = ("q8_0", "q4_1")
 rng = np.random.default_rng(0)
@@ -68,7 +68,8 @@ def test_row_length_must_be_whole_blocks() -> None:
                                              ("Q4_1", "q4_1"), ("Q4_0", "q4_1")])
 def test_gguf_blocks_map_without_a_second_rounding(source: str, fmt: str) -> None:
     from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
+    from gguf.quants import dequantize as gguf_dequantize
+    from gguf.quants import quantize as gguf_quantize
 
     qtype = GGMLQuantizationType[source]
     w = rng.standard_normal((6, 128)).astype(np.float32)
@@ -99,9 +100,8 @@ def test_matrix_vector_kernel_equals_its_reference(isa: str, fmt: str, rows: int
 
 def _neurons(fmt_gu: str, fmt_down: str, d: int = 64, n: int = 53, gated: bool = True) -> tuple[qk.QNeurons, dict]:
     mats = {name: rng.standard_normal((n, d)).astype(np.float32) for name in ("gate", "up", "down")}
-    raw = np.concatenate([quantize(mats[m], fmt_gu) for m in (("gate", "up") if gated else ("up",))]
-                         + [quantize(mats["down"], fmt_down)], axis=1)
-    q = qk.QNeurons(raw, fmt_gu, fmt_down, d, gated)
+    raw = np.concatenate([quantize(mats["up"], fmt_gu), quantize(mats["down"], fmt_down)], axis=1)
+    q = qk.QNeurons(raw, quantize(mats["gate"], fmt_gu) if gated else None, fmt_gu, fmt_down, d)
     return q, q.matrices(np.arange(n))
 
 
@@ -128,10 +128,11 @@ def test_sparse_ffn_kernel_equals_its_reference(isa: str, fmt_gu: str, fmt_down:
 
 def test_ungated_ffn_and_other_activations(isa: str) -> None:
     q, m = _neurons("q8_0", "q8_0", gated=False)
-    x = torch.randn(3, q.d)
     idx = torch.arange(0, q.num_neurons, 2)
-    want = torch.relu(x_reference(x) @ m["up"][idx].T) @ m["down"][idx]
-    assert close(qk.qffn(x, q, idx, "relu", 2), want)
+    for rows in (1, 3):
+        x = torch.randn(rows, q.d)
+        want = torch.relu(x_reference(x) @ m["up"][idx].T) @ m["down"][idx]
+        assert close(qk.qffn(x, q, idx, "relu", 2), want)
 
 
 def test_kernel_paths_agree_with_each_other() -> None:
@@ -272,7 +273,7 @@ def test_executors_on_quantized_weights_equal_the_in_process_engine(quant_dir: P
 
 
 def test_gate_mode_on_quantized_weights_hybrid_tracks_in_process(calibrated_tiny: Path, executors) -> None:
-    gate = dict(sparsity="gate", activation_sparsity=0.5, weights="q8")
+    gate = {"sparsity": "gate", "activation_sparsity": 0.5, "weights": "q8"}
     local = LLM(str(calibrated_tiny), num_threads=1, **gate)
     ex = Executors(calibrated_tiny, hot_fraction=0.4, **gate)
     executors.append(ex)
@@ -287,8 +288,8 @@ def test_gate_mode_on_quantized_weights_hybrid_tracks_in_process(calibrated_tiny
 def test_fused_decode_attention_equals_the_torch_formulation(quant_dir: Path, weights: str) -> None:
     """Decode steps of two sequences at different positions (batched, one in a later cache slot) through the
     one-call attention block and through the per-op torch path, on the same quantized weights."""
-    from runtime.core.runners import build_runner
     from runtime.config import EngineConfig
+    from runtime.core.runners import build_runner
     from runtime.model.transformer import StepInput
 
     config = EngineConfig.resolve(model=str(quant_dir), weights=weights, num_threads=2).for_model(str(quant_dir), 256)

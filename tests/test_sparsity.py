@@ -12,7 +12,7 @@ import torch
 from runtime.model.ffn_shard import FFNShard
 from runtime import LLM, SamplingParams
 from runtime.sparsity import corpus
-from runtime.model.sparse_kernel import kernel_available, sparse_ffn, sparse_ffn_reference
+from runtime.model.kernels.sparse_ffn import kernel_available, sparse_ffn, sparse_ffn_reference
 from scheduler.placement import natural_layer_order, place_ilp, place_topk, split_by_fraction
 from tests.conftest import make_tiny_model
 

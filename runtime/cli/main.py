@@ -42,7 +42,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         n = len(out.token_ids)
         decode = out.metrics.get("decode_s", 0.0)
         rate = f"{(n - 1) / decode:.1f} tok/s decode" if n > 1 and decode > 0 else "n/a"
-        print(f"[{llm.model_name}: {len(out.prompt_token_ids)} prompt + {n} new tokens, finish={out.finish_reason}, "
+        print(f"[{llm.model_name} ({llm.config.weights} weights): {len(out.prompt_token_ids)} prompt + {n} new tokens, finish={out.finish_reason}, "
               f"load {load_s:.1f}s, prefill {out.metrics.get('prefill_s', 0):.2f}s, {rate}]", file=sys.stderr)
     return 0
 

@@ -1,9 +1,8 @@
 """Hugging Face-layout safetensors checkpoints: tensor lookup by name, memory-mapped, never pickle."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import math
+from pathlib import Path
 
 import torch
 from safetensors import safe_open

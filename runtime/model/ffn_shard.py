@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from runtime.config import SPARSITY_MODES
-from runtime.model.config import ModelConfig
-from runtime.model.qkernels import QNeurons, qffn, qgate
-from runtime.model.qweights import open_quantized
 from runtime.model.activations import ACTIVATIONS
-from runtime.model.transformer import ffn_activations
-from runtime.model.sparse_kernel import sparse_ffn
 from runtime.model.checkpoint import Checkpoint
+from runtime.model.config import ModelConfig
+from runtime.model.kernels.quantized import QNeurons, qffn, qgate
+from runtime.model.kernels.sparse_ffn import sparse_ffn
+from runtime.model.qweights import open_quantized
+from runtime.model.transformer import ffn_activations
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,7 @@ class FFNShard:
     @classmethod
     def load(cls, model_dir: str | Path, neurons: Sequence[np.ndarray], dtype: torch.dtype,
              device: torch.device | str = "cpu", mode: str = "dense", tau_gate: Sequence[float] | None = None,
-             num_threads: int = 1, weights: str = "fp32", dequantize: bool | None = None) -> "FFNShard":
+             num_threads: int = 1, weights: str = "fp32", dequantize: bool | None = None) -> FFNShard:
         """Only the given neurons' rows of the checkpoint (memory-mapped), laid out for ``mode``. Quantized
         ``weights`` stay quantized on the CPU unless ``dequantize`` (default: on other devices)."""
         cfg = ModelConfig.load(model_dir)
@@ -69,7 +69,7 @@ class FFNShard:
             layers = [q.neurons(i, cfg) for i in range(cfg.num_hidden_layers)]
             if not (torch.device(device).type != "cpu" if dequantize is None else dequantize):
                 return cls(cfg, neurons, mode, layers, tau_gate, num_threads)
-            rows_of = lambda i, idx: layers[i].matrices(idx)                          # noqa: E731
+            rows_of = lambda i, idx: layers[i].matrices(idx)
         else:
             ckpt = Checkpoint(Path(model_dir))
 

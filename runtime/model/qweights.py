@@ -2,8 +2,9 @@
 
 A plain safetensors file (no pickle), tensors stored as uint8 block rows (``qformat``) plus the small fp32
 tensors (norms, biases). Per layer: ``model.layers.<i>.self_attn.qkv`` (q, k, v rows stacked),
-``...self_attn.o``, and ``...mlp.neurons``: the FFN neuron-major, row j = [gate_j][up_j][down_j], where
-down_j is column j of W_down re-quantized (its GGUF blocks run along the neuron axis). ``lm_head`` (the
+``...self_attn.o``, ``...mlp.neurons``: the FFN neuron-major, row j = [up_j][down_j], where down_j is
+column j of W_down re-quantized (its GGUF blocks run along the neuron axis), and ``...mlp.gate`` (gated FFNs):
+the gate rows, contiguous, so that gate mode's dense gate pass streams them. ``lm_head`` (the
 embedding too when tied) and ``embed`` (untied). The header's metadata names each tensor's block format
 and which tensors kept the GGUF's own blocks. Files are memory-mapped, never read whole.
 
@@ -25,8 +26,8 @@ import torch
 
 from runtime.model.checkpoint import Checkpoint
 from runtime.model.config import ModelConfig
+from runtime.model.kernels.quantized import QMatrix, QNeurons
 from runtime.model.qformat import exact_blocks, quantize
-from runtime.model.qkernels import QMatrix, QNeurons
 from runtime.paths import QUANTIZED_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -74,9 +75,10 @@ def write_quantized(path: Path, cfg: ModelConfig, weights: str, get: TensorFn, h
         out[a + "qkv"] = np.concatenate([blocks(a + f"{n}_proj.weight", policy["attn"]) for n in "qkv"])
         out[a + "o"] = blocks(a + "o_proj.weight", policy["attn"])
         formats[a + "qkv"] = formats[a + "o"] = policy["attn"]
-        mats = ["gate", "up"] if cfg.is_gated_ffn else ["up"]
-        out[m + "neurons"] = np.concatenate([blocks(m + f"{n}_proj.weight", policy["ffn"]) for n in mats]
-                                            + [blocks(m + "down_proj.weight", policy["ffn_down"], True)], axis=1)
+        out[m + "neurons"] = np.concatenate([blocks(m + "up_proj.weight", policy["ffn"]),
+                                             blocks(m + "down_proj.weight", policy["ffn_down"], True)], axis=1)
+        if cfg.is_gated_ffn:
+            out[m + "gate"] = blocks(m + "gate_proj.weight", policy["ffn"])
         for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
             out[p + name] = get(p + name)[0].astype(np.float32)
         if cfg.attention_bias:
@@ -161,8 +163,9 @@ class QuantizedCheckpoint:
         return QMatrix(self._get(name), self.formats[name], k)
 
     def neurons(self, layer: int, cfg: ModelConfig) -> QNeurons:
-        return QNeurons(self._get(f"model.layers.{layer}.mlp.neurons"), self.ffn_formats[0], self.ffn_formats[1],
-                        cfg.hidden_size, cfg.is_gated_ffn)
+        m = f"model.layers.{layer}.mlp."
+        return QNeurons(self._get(m + "neurons"), self._get(m + "gate") if cfg.is_gated_ffn else None,
+                        self.ffn_formats[0], self.ffn_formats[1], cfg.hidden_size)
 
     def floats(self, name: str) -> torch.Tensor:
         return torch.from_numpy(np.array(self._get(name)))      # small: copied out of the map

@@ -20,7 +20,7 @@ from runtime.paths import CONFIG_DIR, cache_dir
 
 logger = logging.getLogger(__name__)
 
-CONVERTED_FORMAT = 2          # bump when the converted layout changes, to re-convert caches
+CONVERTED_FORMAT = 3          # bump when the converted layout changes, to re-convert caches
 
 
 @dataclass(slots=True, frozen=True)
@@ -166,6 +166,9 @@ def _converted(gguf: Path, key: str, sha256: str) -> Path:
     (tmp / "pinfer_manifest.json").write_text(json.dumps(want))
     if out.exists():
         import shutil
+
+        if (out / "sparsity").is_dir():             # offline results survive a new layout of the same weights
+            os.replace(out / "sparsity", tmp / "sparsity")      # (each checks the fingerprint it was made for)
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out

@@ -18,7 +18,7 @@ from torch import nn
 
 from runtime.model.activations import ACTIVATIONS
 from runtime.model.config import ModelConfig
-from runtime.model.qkernels import QMatrix, attention_decode, embed_rows, qlinear
+from runtime.model.kernels.quantized import QMatrix, attention_decode, embed_rows, qlinear
 
 # (layer index, normed hidden [N, d]) -> FFN output [N, d]; the hybrid runtime plugs in here.
 FFNFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -91,7 +91,7 @@ class StepInput:
     is_causal: bool
 
     @staticmethod
-    def build(start: list[int], num_tokens: int, slots: list[int], device: torch.device | str = "cpu") -> "StepInput":
+    def build(start: list[int], num_tokens: int, slots: list[int], device: torch.device | str = "cpu") -> StepInput:
         """Rows b hold tokens at positions ``start[b] .. start[b] + num_tokens - 1`` in cache slot ``slots[b]``."""
         pos = torch.tensor(start, dtype=torch.long, device=device)[:, None] + torch.arange(num_tokens, device=device)
         slot_t = torch.tensor(slots, dtype=torch.long, device=device)

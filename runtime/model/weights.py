@@ -9,7 +9,7 @@ from torch import nn
 
 from runtime.model.checkpoint import Checkpoint
 from runtime.model.config import ModelConfig
-from runtime.model.qkernels import QMatrix
+from runtime.model.kernels.quantized import QMatrix
 from runtime.model.qweights import open_quantized
 from runtime.model.transformer import Transformer, rope_inv_freq
 

@@ -13,20 +13,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "activation.h"
+
 static inline float dotf(const float *a, const float *b, int d) {
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
     for (int i = 0; i < d; i++) s += a[i] * b[i];
     return s;
-}
-
-static inline float actf(float v, int act) {
-    switch (act) {
-    case 0: return v / (1.f + expf(-v));                                         /* silu */
-    case 1: return v > 0.f ? v : 0.f;                                             /* relu */
-    case 2: return 0.5f * v * (1.f + erff(v * 0.70710678f));                      /* gelu */
-    default: return 0.5f * v * (1.f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));
-    }
 }
 
 int pinfer_sparse_ffn(const float *x, int n_rows, int d, const float *w, int rows_per_neuron,

@@ -13,8 +13,8 @@
  * (tests compare them). Activation quantization is shared scalar code, so the paths differ only in the
  * order of float sums.
  *
- * FFN neurons are neuron-major: neuron j's bytes are [gate row][up row][down row] (gate only when gated),
- * each row d/32 blocks; gate/up share one format and down has its own. y_r += a_j(x_r) * down_j over the
+ * FFN neurons are neuron-major: neuron j's bytes are [up row][down row], each d/32 blocks, and gated FFNs
+ * keep their gate rows as a matrix of their own; gate/up share one format and down has its own. y_r += a_j(x_r) * down_j over the
  * listed neurons; threads split the list and each sums into its own buffer, reduced at the end.
  */
 #include <math.h>
@@ -22,6 +22,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "activation.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -69,15 +71,6 @@ static inline float fp16_to_f32(uint16_t h) {
 }
 
 static inline float half_at(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return fp16_to_f32(h); }
-
-static inline float actf(float v, int act) {
-    switch (act) {
-    case 0: return v / (1.f + expf(-v));                                         /* silu */
-    case 1: return v > 0.f ? v : 0.f;                                             /* relu */
-    case 2: return 0.5f * v * (1.f + erff(v * 0.70710678f));                      /* gelu */
-    default: return 0.5f * v * (1.f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));
-    }
-}
 
 /* One block of 32 activations -> 8-bit levels with d = amax / 127, rounded half to even (as rintf). */
 static void quantize_block_scalar(const float *v, XBlock *out) {
@@ -377,6 +370,16 @@ void pinfer_gemv(const uint8_t *w, int fmt, int64_t ld_w, int64_t k, const int64
     }
 }
 
+/* Ask for the cache lines of [p, p + bytes): neurons picked by a mask are scattered, so the hardware
+ * prefetchers cannot guess the next one. */
+static inline void prefetch_span(const uint8_t *p, int64_t bytes) {
+#if HAVE_AVX2
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(p + o), _MM_HINT_T0);
+#else
+    (void)p, (void)bytes;
+#endif
+}
+
 /* y += sum over n neurons of a[t] * down[t] (rows of nb blocks): y stays in registers across a group. */
 #define GROUP 16
 static void axpy_group(const uint8_t *const *down, const float *a, int n, int fmt, int64_t nb, float *y) {
@@ -407,16 +410,16 @@ static void axpy_group(const uint8_t *const *down, const float *a, int n, int fm
 }
 
 /* Neuron-sparse FFN: y [n_rows, d] = sum over listed neurons j of a_j(x_r) * down_j.
- * w: neurons ld_w bytes apart, each [gate][up][down] (no gate when !gated); idx [k] neuron ids.
- * gate_act [n_rows, ld_gate] (optional): act(gate) already computed, column jj for idx[jj]; then the
- * gate row is not read. row_mask [n_rows, ld_mask] (optional): row r uses neuron idx[jj] only where
- * row_mask[r, jj]. Returns 0, or -1 when a per-thread buffer cannot be allocated. */
-int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *w, int64_t ld_w, int fmt_gu, int fmt_down,
-                int gated, const int64_t *idx, int64_t k, const float *gate_act, int64_t ld_gate,
-                const uint8_t *row_mask, int64_t ld_mask, int act, float *y, int n_threads) {
+ * w: neurons ld_w bytes apart, each [up][down]; wg: the gate rows, ld_g bytes apart (NULL: not gated);
+ * idx [k] neuron ids. gate_act [n_rows, ld_gate] (optional): act(gate) already computed, column jj for
+ * idx[jj]; then no gate row is read. row_mask [n_rows, ld_mask] (optional): row r uses neuron idx[jj] only
+ * where row_mask[r, jj]. Returns 0, or -1 when a per-thread buffer cannot be allocated. */
+int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *w, int64_t ld_w, const uint8_t *wg,
+                int64_t ld_g, int fmt_gu, int fmt_down, const int64_t *idx, int64_t k, const float *gate_act,
+                int64_t ld_gate, const uint8_t *row_mask, int64_t ld_mask, int act, float *y, int n_threads) {
     const int64_t nb = d / QK, nd = (int64_t)n_rows * d;
-    const int64_t gu_bytes = nb * pinfer_block_bytes(fmt_gu);
-    const int64_t up_off = gated ? gu_bytes : 0, down_off = up_off + gu_bytes;
+    const int64_t up_off = 0, down_off = nb * pinfer_block_bytes(fmt_gu);
+    const int gated = wg != NULL;
     memset(y, 0, nd * sizeof(float));
     const int T = clamp_threads(n_threads, k, 16);
     float *part = T > 1 ? calloc((size_t)(T - 1) * nd, sizeof(float)) : NULL;
@@ -431,20 +434,31 @@ int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *w, int64
             const uint8_t *down[GROUP];
             float a[GROUP];
             for (int64_t g0 = lo; g0 < hi; g0 += GROUP) {
+                int64_t js[GROUP];
                 int n = 0;
-                for (int64_t jj = g0; jj < hi && jj < g0 + GROUP; jj++) {
-                    if (row_mask && !row_mask[jj]) continue;
-                    const uint8_t *nrn = w + idx[jj] * ld_w;
-                    float gv, u;
-                    if (gated && !gate_act) {
-                        dot2(nrn, nrn + up_off, fmt_gu, nb, xq, &gv, &u);
-                        a[n] = actf(gv, act) * u;
-                    } else {
-                        const XBlock *x0 = xq;
-                        dot_rows(nrn + up_off, fmt_gu, nb, &x0, 1, &u);
-                        a[n] = gate_act ? gate_act[jj] * u : actf(u, act);
+                for (int64_t jj = g0; jj < hi && jj < g0 + GROUP; jj++)
+                    if (!row_mask || row_mask[jj]) js[n++] = jj;
+                for (int t2 = 0; t2 < n; t2++) down[t2] = w + idx[js[t2]] * ld_w + down_off;
+                if (gated && !gate_act) {                /* a neuron's gate and up rows side by side */
+                    for (int t2 = 0; t2 < n; t2++) {
+                        if (t2 + 2 < n) {
+                            prefetch_span(w + idx[js[t2 + 2]] * ld_w, ld_w);
+                            prefetch_span(wg + idx[js[t2 + 2]] * ld_g, ld_g);
+                        }
+                        float gv, u;
+                        dot2(wg + idx[js[t2]] * ld_g, w + idx[js[t2]] * ld_w + up_off, fmt_gu, nb, xq, &gv, &u);
+                        a[t2] = actf(gv, act) * u;
                     }
-                    down[n++] = nrn + down_off;
+                } else {                                 /* two neurons' up rows side by side */
+                    for (int t2 = 0; t2 < n; t2 += 2) {
+                        const int t3 = t2 + 1 < n ? t2 + 1 : t2;
+                        for (int t4 = t2 + 2; t4 < t2 + 4 && t4 < n; t4++) prefetch_span(w + idx[js[t4]] * ld_w, ld_w);
+                        float u0, u1;
+                        dot2(w + idx[js[t2]] * ld_w + up_off, w + idx[js[t3]] * ld_w + up_off, fmt_gu, nb, xq, &u0,
+                             &u1);
+                        a[t2] = gate_act ? gate_act[js[t2]] * u0 : actf(u0, act);
+                        a[t3] = gate_act ? gate_act[js[t3]] * u1 : actf(u1, act);
+                    }
                 }
                 axpy_group(down, a, n, fmt_down, nb, yt);
             }
@@ -463,7 +477,7 @@ int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *w, int64
                 }
                 if (!any) continue;
                 dot_rows(nrn + up_off, fmt_gu, nb, xs, nr, u);
-                if (gated && !gate_act) dot_rows(nrn, fmt_gu, nb, xs, nr, g);
+                if (gated && !gate_act) dot_rows(wg + idx[jj] * ld_g, fmt_gu, nb, xs, nr, g);
                 for (int r = 0; r < nr; r++) {
                     const int64_t row = r0 + r;
                     if (row_mask && !row_mask[row * ld_mask + jj]) continue;

@@ -1,7 +1,7 @@
-"""Block-quantized matrices and their kernels (``qkernels.c``, built at first use, called through ctypes).
+"""Block-quantized matrices and their kernels (``quantized.c``, built at first use, called through ctypes).
 
 ``QMatrix`` is a matrix of output rows in one block format; ``QNeurons`` is one layer's FFN, neuron-major
-(neuron j = its gate, up and down rows, contiguous). Both hold memory-mapped bytes: processes that map the
+(neuron j = its up and down rows, contiguous; the gate rows as a matrix of their own). Both hold memory-mapped bytes: processes that map the
 same file share its pages, so a weight is held once however the neurons are split between executors.
 Activations are fp32 torch tensors, quantized to 8-bit blocks once per call inside the kernel library.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from runtime.model.activations import ACT_CODES
-from runtime.model.cbuild import build_library
+from runtime.model.kernels.build import build_library
 from runtime.model.qformat import BLOCK_BYTES, FORMAT_CODES, QK, dequantize, row_bytes
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ _SIGNATURES = {
     "pinfer_quantize_x": (None, [_P, _I64, _I64, _P]),
     "pinfer_dequantize_rows": (None, [_P, _I, _I64, _I64, _P, _I64, _P]),
     "pinfer_gemv": (None, [_P, _I, _I64, _I64, _P, _I64, _P, _I, _P, _I64, _I]),
-    "pinfer_qffn": (_I, [_P, _I, _I64, _P, _I64, _I, _I, _I, _P, _I64, _P, _I64, _P, _I64, _I, _P, _I]),
+    "pinfer_qffn": (_I, [_P, _I, _I64, _P, _I64, _P, _I64, _I, _I, _P, _I64, _P, _I64, _P, _I64, _I, _P, _I]),
     "pinfer_attn_decode": (_I, [_P, _P, _I, _I64, _P, _P, _F, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _I64,
                                 _P, _P, _I]),
 }
@@ -39,7 +39,7 @@ def lib() -> ctypes.CDLL:
     """The kernel library (built on first use); quantized weights cannot run without it."""
     global _lib
     if _lib is None:
-        built = build_library(Path(__file__).with_name("qkernels.c"))
+        built = build_library(Path(__file__).with_name("quantized.c"))
         if built is None:
             raise RuntimeError("the quantized kernels could not be built (is gcc installed?); "
                                "use weights='fp32' on this machine")
@@ -90,35 +90,44 @@ class QMatrix:
 
 @dataclass(frozen=True, slots=True)
 class QNeurons:
-    """One layer's FFN, neuron-major: row j = [gate_j][up_j][down_j] (no gate when not gated)."""
+    """One layer's FFN, neuron-major: row j = [up_j][down_j] (down_j = column j of W_down), and for gated FFNs
+    the gate rows as their own matrix (gate mode computes every gate: a contiguous matrix streams at full
+    speed, where gate rows strided between up/down rows read at half of it)."""
 
-    data: np.ndarray          # uint8 [n_ff, (2|1) * row_bytes(fmt_gu, d) + row_bytes(fmt_down, d)]
+    data: np.ndarray          # uint8 [n_ff, row_bytes(fmt_gu, d) + row_bytes(fmt_down, d)]
+    gate: np.ndarray | None   # uint8 [n_ff, row_bytes(fmt_gu, d)], None when not gated
     fmt_gu: str
     fmt_down: str
     d: int
-    gated: bool
 
     def __post_init__(self) -> None:
-        want = (2 if self.gated else 1) * row_bytes(self.fmt_gu, self.d) + row_bytes(self.fmt_down, self.d)
+        want = row_bytes(self.fmt_gu, self.d) + row_bytes(self.fmt_down, self.d)
         if self.data.dtype != np.uint8 or self.data.ndim != 2 or self.data.shape[1] != want:
             raise ValueError(f"FFN neurons ({self.fmt_gu}/{self.fmt_down}, d={self.d}) need uint8 rows of "
                              f"{want} bytes, got {self.data.dtype} {self.data.shape}")
+        if self.gate is not None:
+            QMatrix(self.gate, self.fmt_gu, self.d)                           # checks its shape
+            if self.gate.shape[0] != self.data.shape[0]:
+                raise ValueError(f"{self.gate.shape[0]} gate rows for {self.data.shape[0]} neurons")
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None
 
     @property
     def num_neurons(self) -> int:
         return self.data.shape[0]
 
     def nbytes(self, num: int | None = None) -> int:
-        return self.data.shape[1] * (self.num_neurons if num is None else num)
+        per = self.data.shape[1] + (0 if self.gate is None else self.gate.shape[1])
+        return per * (self.num_neurons if num is None else num)
 
     def matrices(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """The given neurons' rows dequantized: gate/up/down, each fp32 [n, d]."""
-        raw = self.data[rows]
-        gu = row_bytes(self.fmt_gu, self.d)
-        names = ["gate", "up"] if self.gated else ["up"]
-        out = {name: torch.from_numpy(dequantize(raw[:, i * gu:(i + 1) * gu], self.fmt_gu, self.d))
-               for i, name in enumerate(names)}
-        out["down"] = torch.from_numpy(dequantize(raw[:, len(names) * gu:], self.fmt_down, self.d))
+        """The given neurons' rows dequantized: gate (gated FFNs), up, down, each fp32 [n, d]."""
+        raw, gu = self.data[rows], row_bytes(self.fmt_gu, self.d)
+        out = {} if self.gate is None else {"gate": torch.from_numpy(dequantize(self.gate[rows], self.fmt_gu, self.d))}
+        out["up"] = torch.from_numpy(dequantize(raw[:, :gu], self.fmt_gu, self.d))
+        out["down"] = torch.from_numpy(dequantize(raw[:, gu:], self.fmt_down, self.d))
         return out
 
 
@@ -156,7 +165,7 @@ def qgate(x: torch.Tensor, w: QNeurons, idx: torch.Tensor, num_threads: int) -> 
     rows, idx = _rows(x, w.d), idx.to(torch.int64).contiguous()
     y = torch.empty(rows.shape[0], idx.numel(), dtype=torch.float32)
     xq = quantize_x(rows)
-    lib().pinfer_gemv(_ptr(w.data), FORMAT_CODES[w.fmt_gu], w.data.shape[1], w.d, idx.data_ptr(), idx.numel(),
+    lib().pinfer_gemv(_ptr(w.gate), FORMAT_CODES[w.fmt_gu], w.gate.shape[1], w.d, idx.data_ptr(), idx.numel(),
                       xq.data_ptr(), rows.shape[0], y.data_ptr(), idx.numel(), num_threads)
     return y
 
@@ -175,7 +184,8 @@ def qffn(x: torch.Tensor, w: QNeurons, idx: torch.Tensor, act: str, num_threads:
     m = None if row_mask is None else row_mask.to(torch.uint8).contiguous()
     xq = quantize_x(rows)
     rc = lib().pinfer_qffn(xq.data_ptr(), rows.shape[0], w.d, _ptr(w.data), w.data.shape[1],
-                           FORMAT_CODES[w.fmt_gu], FORMAT_CODES[w.fmt_down], int(w.gated), idx.data_ptr(),
+                           None if w.gate is None else _ptr(w.gate), 0 if w.gate is None else w.gate.shape[1],
+                           FORMAT_CODES[w.fmt_gu], FORMAT_CODES[w.fmt_down], idx.data_ptr(),
                            idx.numel(), None if g is None else g.data_ptr(), 0 if g is None else g.stride(0),
                            None if m is None else m.data_ptr(), 0 if m is None else m.stride(0), ACT_CODES[act],
                            y.data_ptr(), num_threads)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from runtime.model.activations import ACT_CODES, ACTIVATIONS
-from runtime.model.cbuild import build_library
+from runtime.model.kernels.build import build_library
 
 logger = logging.getLogger(__name__)
 

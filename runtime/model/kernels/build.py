@@ -35,7 +35,9 @@ def cpu_flags() -> frozenset[str]:
 def build_library(source: Path) -> ctypes.CDLL | None:
     """The compiled ``source`` (built once per CPU kind), or None when it cannot be built or loaded."""
     cc = os.environ.get("CC", "gcc")
-    key = source.read_bytes() + cc.encode() + platform.machine().encode() + " ".join(sorted(cpu_flags())).encode()
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))     # what it may include
+    key = source.read_bytes() + headers + cc.encode() + platform.machine().encode() + \
+        " ".join(sorted(cpu_flags())).encode()
     out = cache_dir() / "kernels" / f"{source.stem}-{hashlib.sha256(key).hexdigest()[:16]}.so"
     try:
         if not out.exists():
