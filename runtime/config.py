@@ -122,7 +122,7 @@ class EngineConfig:
 
     # ---- building one ------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: Path | None = None) -> EngineConfig:
+    def load(cls, path: Path | None = None) -> "EngineConfig":
         """The defaults in ``configs/engine.yaml`` (``path``); unknown keys are errors."""
         path = path or CONFIG_DIR / "engine.yaml"
         raw = yaml.safe_load(path.read_text()) or {}
@@ -132,7 +132,7 @@ class EngineConfig:
         return cls(**raw)
 
     @classmethod
-    def resolve(cls, base: EngineConfig | None = None, /, **options: Any) -> EngineConfig:
+    def resolve(cls, base: "EngineConfig | None" = None, /, **options: Any) -> "EngineConfig":
         """``base`` (default: ``configs/engine.yaml``) with every option that is not None applied on top.
         Setting an option of the hybrid runtime (``HYBRID_OPTIONS``) without ``is_hybrid`` selects it."""
         given = {k: v for k, v in options.items() if v is not None}
@@ -143,7 +143,7 @@ class EngineConfig:
             given["is_hybrid"] = True
         return replace(base or cls.load(), **given)
 
-    def for_model(self, model: str, context_len: int) -> EngineConfig:
+    def for_model(self, model: str, context_len: int) -> "EngineConfig":
         """This config with what it left open decided for one model on this machine: the model's name, the
         context length (at most the model's ``context_len``) and the thread counts."""
         cores = os.cpu_count() or 1

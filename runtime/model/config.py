@@ -59,7 +59,7 @@ class ModelConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
         """Build from a Hugging Face ``config.json`` dict (or one that pinfer wrote); unknown keys are errors."""
         raw = dict(raw)
         rope = raw.pop("rope_parameters", None)        # transformers >= 5 nests the rope settings
@@ -83,7 +83,7 @@ class ModelConfig:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> ModelConfig:
+    def load(cls, model_dir: str | Path) -> "ModelConfig":
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: not a model directory")

@@ -58,7 +58,7 @@ class FFNShard:
     @classmethod
     def load(cls, model_dir: str | Path, neurons: Sequence[np.ndarray], dtype: torch.dtype,
              device: torch.device | str = "cpu", mode: str = "dense", tau_gate: Sequence[float] | None = None,
-             num_threads: int = 1, weights: str = "fp32", dequantize: bool | None = None) -> FFNShard:
+             num_threads: int = 1, weights: str = "fp32", dequantize: bool | None = None) -> "FFNShard":
         """Only the given neurons' rows of the checkpoint (memory-mapped), laid out for ``mode``. Quantized
         ``weights`` stay quantized on the CPU unless ``dequantize`` (default: on other devices)."""
         cfg = ModelConfig.load(model_dir)
@@ -69,13 +69,16 @@ class FFNShard:
             layers = [q.neurons(i, cfg) for i in range(cfg.num_hidden_layers)]
             if not (torch.device(device).type != "cpu" if dequantize is None else dequantize):
                 return cls(cfg, neurons, mode, layers, tau_gate, num_threads)
-            rows_of = lambda i, idx: layers[i].matrices(idx)
+
+            def rows_of(layer: int, idx: np.ndarray) -> dict[str, torch.Tensor]:     # [n, d] each
+                return layers[layer].matrices(idx)
         else:
             ckpt = Checkpoint(Path(model_dir))
 
             def rows_of(layer: int, idx: np.ndarray) -> dict[str, torch.Tensor]:     # [n, d] each
                 p, rows = f"model.layers.{layer}.mlp.", torch.as_tensor(idx, dtype=torch.long)
-                m = {n: ckpt.get(p + f"{n}_proj.weight", dtype)[rows] for n in ("gate", "up") if cfg.is_gated_ffn or n == "up"}
+                m = {n: ckpt.get(p + f"{n}_proj.weight", dtype)[rows] for n in ("gate", "up")
+                     if cfg.is_gated_ffn or n == "up"}
                 m["down"] = ckpt.get(p + "down_proj.weight", dtype)[:, rows].t()
                 return m
         w: dict[str, list[torch.Tensor]] = {k: [] for k in ("gate_up_t", "down_t", "gate_t", "rows")}

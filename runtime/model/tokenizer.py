@@ -131,6 +131,6 @@ class IncrementalDetokenizer:
         full = self._tokenizer.decode(self.token_ids)
         if full.endswith("\ufffd"):                 # an unfinished UTF-8 sequence: wait for more bytes
             return ""
-        delta = full.removeprefix(self.text)
+        delta = full[len(self.text):] if full.startswith(self.text) else full
         self.text = full
         return delta

@@ -1,10 +1,10 @@
 """Dense reference transformer (LLaMA / Qwen2 family): the equations, with the FFN kept neuron-major.
 
 Float weights are stored input-major (``x @ W_t``): on these CPUs that matrix-vector product streams memory
-about twice as fast as ``F.linear(x, W)``. Quantized weights are ``QMatrix`` rows (``linear`` runs them through
-the block kernels); the quantized FFN lives in neuron shards (``ffn_shard``), never in ``FFN``. FFN neuron j owns the column pair ``w_gate_up_t[:, j] =
+about twice as fast as ``F.linear(x, W)``. FFN neuron j owns the column pair ``w_gate_up_t[:, j] =
 (gate_j, up_j)`` and the row ``w_down_t[j]``, so a subset of neurons is an index along the n_ff axis
-of both; the hybrid runtime splits layers along that axis.
+of both; the hybrid runtime splits layers along that axis. Quantized weights are ``QMatrix`` rows that
+``linear`` runs through the block kernels; a quantized FFN always lives in neuron shards (``ffn_shard``).
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class StepInput:
     is_causal: bool
 
     @staticmethod
-    def build(start: list[int], num_tokens: int, slots: list[int], device: torch.device | str = "cpu") -> StepInput:
+    def build(start: list[int], num_tokens: int, slots: list[int], device: torch.device | str = "cpu") -> "StepInput":
         """Rows b hold tokens at positions ``start[b] .. start[b] + num_tokens - 1`` in cache slot ``slots[b]``."""
         pos = torch.tensor(start, dtype=torch.long, device=device)[:, None] + torch.arange(num_tokens, device=device)
         slot_t = torch.tensor(slots, dtype=torch.long, device=device)
