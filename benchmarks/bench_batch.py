@@ -29,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--weights", default="fp32", choices=["fp32", "q8", "q4"])
     ap.add_argument("--hot-fraction", type=float, default=0.5, help="hybrid runtime GPU-executor share")
     ap.add_argument("--local", action="store_true", help="the in-process engine instead of the hybrid runtime")
     ap.add_argument("--batch-sizes", default="1,4,8,16")
@@ -43,8 +44,8 @@ def main() -> None:
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     engine = "local" if args.local else f"hybrid@{args.hot_fraction}"
-    llm = LLM(args.model, dtype=args.dtype, hot_fraction=None if args.local else args.hot_fraction,
-              max_batch_size=max(sizes))
+    llm = LLM(args.model, dtype=args.dtype, weights=args.weights,
+              hot_fraction=None if args.local else args.hot_fraction, max_batch_size=max(sizes))
     prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": f"Write a Python function that {t}."}])
                for t in TASKS]
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
@@ -69,7 +70,8 @@ def main() -> None:
     med = {b: statistics.median(v) for b, v in decode.items()}
     base = med[sizes[0]]
     result = {
-        "bench": "continuous_batching", "model": args.model, "dtype": args.dtype, "engine": engine,
+        "bench": "continuous_batching", "model": args.model, "weights": args.weights, "dtype": args.dtype,
+        "engine": engine,
         "new_tokens": args.tokens, "runs": args.runs,
         "threads": ({"in_process": torch.get_num_threads()} if args.local else
                     {"gpu_executor": llm.config.gpu_threads, "cpu_executor": llm.config.cpu_threads}),
@@ -79,7 +81,7 @@ def main() -> None:
         "all": {str(b): [round(x, 2) for x in v] for b, v in decode.items()},
     }
     top = max(sizes)
-    print(f"continuous batching {args.model} {args.dtype} {engine}: aggregate decode "
+    print(f"continuous batching {args.model} {args.weights} weights {args.dtype} {engine}: aggregate decode "
           + ", ".join(f"B={b} {med[b]:.1f} tok/s ({med[b] / base:.2f}x)" for b in sizes)
           + f" (median of {args.runs}); target B={top} >= 5x B=1: " + ("met" if med[top] / base >= 5 else "missed"))
     print("RESULT " + json.dumps(result))
