@@ -137,8 +137,13 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float
         raw, kind = blocks.get(name, (None, None))
         return values[name], raw, kind
 
+    made = []
     for weights in quantized:
-        write_quantized(weights_path(out, weights), cfg, weights, get, values.__contains__, Path(gguf_path).name)
+        try:
+            write_quantized(weights_path(out, weights), cfg, weights, get, values.__contains__, Path(gguf_path).name)
+            made.append(weights)
+        except ValueError as e:                        # e.g. rows that are not whole 32-element blocks
+            logger.warning("no %s weights for %s (fp32 is unaffected): %s", weights, Path(gguf_path).name, e)
     logger.info("converted %s -> %s (%d tensors, %s; quantized: %s)", gguf_path, out, len(values), dtype,
-                ", ".join(quantized) or "none")
+                ", ".join(made) or "none")
     return out
