@@ -170,13 +170,29 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn = FFN(cfg)
 
-    def decode_attention(self, x: torch.Tensor, step: StepInput, cos: torch.Tensor, sin: torch.Tensor,
-                         k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float) -> torch.Tensor:
+    def decode_attention(self, x: torch.Tensor, rows: "DecodeRows", k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         eps: float) -> torch.Tensor:
         """Quantized decode (one token per row): x [B, d] += attn(norm(x)) in place; returns ffn_norm(x)."""
         a = self.attn
         return attention_decode(x, self.attn_norm, self.ffn_norm, eps, a.w_qkv_t, a.b_qkv, a.w_o_t, a.num_heads,
-                                a.num_kv, cos, sin, k_cache, v_cache, step.slots[:, 0], step.positions[:, 0],
+                                a.num_kv, rows.cos, rows.sin, k_cache, v_cache, rows.slots, rows.positions,
                                 a.num_threads or torch.get_num_threads())
+
+
+@dataclass(slots=True)
+class DecodeRows:
+    """A decode step's per-row inputs of the fused attention call, made contiguous once for every layer."""
+
+    cos: torch.Tensor            # [B, hd]
+    sin: torch.Tensor            # [B, hd]
+    slots: torch.Tensor          # [B] int64
+    positions: torch.Tensor      # [B] int64
+
+    @staticmethod
+    def of(step: StepInput, cos: torch.Tensor, sin: torch.Tensor) -> "DecodeRows":
+        B = step.slots.shape[0]
+        return DecodeRows(cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous(),
+                          step.slots[:, 0].contiguous(), step.positions[:, 0].contiguous())
 
 
 class Transformer(nn.Module):
@@ -221,9 +237,10 @@ class Transformer(nn.Module):
         x = lookup(self.embed, tokens)                                          # [B, T, d]
         cos, sin = self.rope(step.positions, x.dtype)
         fused = T == 1 and self.fused_decode and isinstance(self.lm_head_t, QMatrix)   # quantized decode: one C call
+        rows = DecodeRows.of(step, cos, sin) if fused else None
         for i, layer in enumerate(self.layers):
-            if fused:                                                           # x += attn(...) in place
-                h = layer.decode_attention(x.view(B, -1), step, cos, sin, cache.k[i], cache.v[i], eps)
+            if rows is not None:                                                # x += attn(...) in place
+                h = layer.decode_attention(x.view(B, -1), rows, cache.k[i], cache.v[i], eps)
             else:
                 x = x + layer.attn(rms_norm(x, layer.attn_norm, eps), step, cos, sin, cache.k[i], cache.v[i])
                 h = rms_norm(x, layer.ffn_norm, eps).view(B * T, -1)           # [N, d]

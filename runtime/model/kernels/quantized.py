@@ -200,12 +200,11 @@ def attention_decode(x: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor, 
                      positions: torch.Tensor, num_threads: int) -> torch.Tensor:
     """One decode step's attention block in one call, in place on the residual stream x [B, d] (fp32,
     contiguous): x += W_o attention(rope(W_qkv norm1(x) + b)), keys/values written to the caches [S, KV, max_len,
-    hd] at ``positions`` [B] of ``slots`` [B]; returns norm2(x) [B, d], the FFN's input. cos/sin [B, hd]."""
+    hd] at ``positions`` [B] of ``slots`` [B] (int64); returns norm2(x) [B, d], the FFN's input. cos/sin [B, hd].
+    Every tensor contiguous: the step prepares them once for all layers."""
     B, d = x.shape
     hd = cos.shape[-1]
     h = torch.empty_like(x)
-    slots, positions = slots.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()
-    cos, sin = cos.reshape(B, hd).contiguous(), sin.reshape(B, hd).contiguous()
     rc = lib().pinfer_attn_decode(x.data_ptr(), h.data_ptr(), B, d, norm1.data_ptr(), norm2.data_ptr(), eps,
                                   _ptr(w_qkv.data), FORMAT_CODES[w_qkv.fmt], None if b_qkv is None else b_qkv.data_ptr(),
                                   _ptr(w_o.data), FORMAT_CODES[w_o.fmt], heads, kv_heads, hd, cos.data_ptr(),
