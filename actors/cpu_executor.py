@@ -24,7 +24,7 @@ class CPUExecutor(ControlEndpoint):
     def __init__(self, config: EngineConfig, model_dir: str, spec: ShardSpec) -> None:
         self.num_threads = config.cpu_threads
         self.dtype = getattr(torch, config.cpu_dtype)
-        self.shard = FFNShard.load(model_dir, spec.neurons, self.dtype, "cpu", config.sparsity, spec.tau_gate,
+        self.shard = FFNShard.load(model_dir, spec.neurons, self.dtype, "cpu", config.sparsity, spec.thresholds,
                                    self.num_threads, config.weights)
         self._listener: DoorbellListener | None = None
         self._arena: LayerArena | None = None

@@ -66,7 +66,7 @@ class GPUExecutor(EngineEndpoint):
                                                    weights=config.weights, dequantize=not on_cpu).to(self.device)
         # Attention and the head run while the CPU executor waits for its next layer: they may use every core.
         self.model.set_num_threads(config.num_threads)
-        self.hot = FFNShard.load(model_dir, spec.neurons, self.dtype, self.device, config.sparsity, spec.tau_gate,
+        self.hot = FFNShard.load(model_dir, spec.neurons, self.dtype, self.device, config.sparsity, spec.thresholds,
                                  config.gpu_threads, config.weights)
         self.predictor = predictor_mask_fn(Path(model_dir), config, self.device)     # predictor mode only
         self.arena = LayerArena(ArenaLayout(max_rows, self.cfg.hidden_size, self.cfg.intermediate_size))

@@ -37,6 +37,7 @@ from _common import quiet_logs
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMATS = ("fp32", "q8", "q4")
+VARIANT = re.compile(r"^(fp32|q8|q4)(?:\+(gate|predictor|down)(\d\d))?$")    # e.g. q8, q8+down70
 PPL_TARGET = 1.01
 PROMPTS = ["def fib(n):", "The capital of France is",
            "import numpy as np\n\ndef moving_average(x, w):\n    \"\"\"Return the moving average.\"\"\"\n"]
@@ -46,8 +47,10 @@ CHAT = [{"role": "user", "content": "Write a Python function that checks whether
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
-    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS,
-                    help="weight formats; fp32 (the reference) is required and always runs first")
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS),
+                    help="weight formats (fp32, q8, q4), each optionally with a sparse mode at a calibrated level "
+                         "(q8+down70, q8+gate30: `pinfer prepare` first); fp32 (the reference) is required and "
+                         "always runs first")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -55,6 +58,9 @@ def main() -> None:
     args = ap.parse_args()
     if "fp32" not in args.formats:
         ap.error("--formats must include fp32 (the reference)")
+    for f in args.formats:
+        if not VARIANT.match(f):
+            ap.error(f"--formats: {f!r} is not a format (fp32, q8, q4) with an optional +<mode><level>")
     formats = ["fp32"] + [f for i, f in enumerate(args.formats) if f != "fp32" and f not in args.formats[:i]]
     quiet_logs()
 
@@ -72,7 +78,9 @@ def main() -> None:
     rows: list[dict] = []
     for fmt in formats:
         t0 = time.perf_counter()
-        llm = LLM(args.model, weights=fmt, num_threads=args.threads)
+        weights, mode, level = VARIANT.match(fmt).groups()
+        sparse = {"sparsity": mode, "activation_sparsity": int(level) / 100} if mode else {}
+        llm = LLM(args.model, weights=weights, num_threads=args.threads, **sparse)
         load_s = time.perf_counter() - t0
         if fmt == "fp32":
             tok = llm.tokenizer
@@ -101,13 +109,13 @@ def main() -> None:
             agree.append(int((pred == torch.tensor(r.token_ids)).sum().item()))
             positions += len(r.token_ids)
 
-        row = {"format": fmt, "ppl": ppl, "nll_sum": nll, "ppl_tokens_scored": count,
+        row = {"format": fmt, "achieved_sparsity": llm.achieved_sparsity() if mode else None, "ppl": ppl, "nll_sum": nll, "ppl_tokens_scored": count,
                "ratio_to_fp32": None, "pass": None, "first_divergence": divergence,
                "teacher_forced_agreement": sum(agree) / positions if positions else None,
                "teacher_forced_agreement_per_prompt": [a / len(r.token_ids) if r.token_ids else None
                                                        for a, r in zip(agree, ref)],
                "token_ids": [o.token_ids for o in outs], "texts": [o.text for o in outs],
-               "bytes_per_token": bytes_per_token(llm.model_dir, fmt), "model_dir": str(llm.model_dir),
+               "bytes_per_token": bytes_per_token(llm.model_dir, weights), "model_dir": str(llm.model_dir),
                "load_s": load_s}
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
@@ -173,7 +181,7 @@ def report(args, header: dict, prompts: list[str], rows: list[dict], count_windo
         p = p.replace("\n", "\\n").replace("|", "\\|")
         return p if len(p) <= 60 else p[:57] + "..."
 
-    lines = [f"# Quantized weights vs fp32 on {args.model}", "",
+    lines = [f"# Quantized weights and sparse modes vs fp32 on {args.model}", "",
              f"- CPU: {header['cpu']} ({header['threads']} threads, in-process engine)",
              f"- date: {header['date']}",
              f"- commit: {header['commit'] or 'unknown'}",
@@ -189,14 +197,15 @@ def report(args, header: dict, prompts: list[str], rows: list[dict], count_windo
     lines += [f"- p{i + 1}: `{short(p)}`" + (" (chat template)" if i >= len(PROMPTS) else "")
               for i, p in enumerate(prompts)]
     div_cols = [f"div p{i + 1}" for i in range(len(prompts))]
-    lines += ["", "| format | held-out ppl | ratio to fp32 | target | " + " | ".join(div_cols)
+    lines += ["", "| format | achieved sparsity | held-out ppl | ratio to fp32 | target | " + " | ".join(div_cols)
               + " | teacher-forced agreement | weight MB/token |",
-              "|---|---|---|---|" + "---|" * len(div_cols) + "---|---|"]
+              "|---|---|---|---|---|" + "---|" * len(div_cols) + "---|---|"]
     for r in rows:
         verdict = "reference" if r["pass"] is None else "PASS" if r["pass"] else "MISS"
         agree = "" if r["teacher_forced_agreement"] is None else f"{r['teacher_forced_agreement']:.3f}"
         mb = "n/a" if r["bytes_per_token"] is None else f"{r['bytes_per_token'] / 2**20:.1f}"
-        lines.append(f"| {r['format']} | {r['ppl']:.4f} | {r['ratio_to_fp32']:.4f} | {verdict} | "
+        sparsity = "dense" if r["achieved_sparsity"] is None else f"{r['achieved_sparsity']:.1%}"
+        lines.append(f"| {r['format']} | {sparsity} | {r['ppl']:.4f} | {r['ratio_to_fp32']:.4f} | {verdict} | "
                      + " | ".join(str(d) for d in r["first_divergence"]) + f" | {agree} | {mb} |")
     return "\n".join(lines) + "\n"
 

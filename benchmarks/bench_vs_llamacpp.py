@@ -56,6 +56,10 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "pinfer-q8-gate30": ("pinfer", {"weights": "q8", "sparsity": "gate", "activation_sparsity": 0.3}),
     "pinfer-q8-gate50": ("pinfer", {"weights": "q8", "sparsity": "gate", "activation_sparsity": 0.5}),
     "pinfer-q4-gate30": ("pinfer", {"weights": "q4", "sparsity": "gate", "activation_sparsity": 0.3}),
+    "pinfer-q8-down50": ("pinfer", {"weights": "q8", "sparsity": "down", "activation_sparsity": 0.5}),
+    "pinfer-q8-down70": ("pinfer", {"weights": "q8", "sparsity": "down", "activation_sparsity": 0.7}),
+    "pinfer-q8-hybrid-down70": ("pinfer", {"weights": "q8", "sparsity": "down", "activation_sparsity": 0.7,
+                                           "is_hybrid": True, "hot_fraction": 0.5}),
 }
 # q8 is the format within 1% of fp32's perplexity (benchmarks/bench_quality.py); gate 30% keeps HumanEval Pass@1
 DEFAULT_CONFIGS = ["llama.cpp", "transformers", "pinfer-fp32", "pinfer-q8", "pinfer-q4", "pinfer-q8-hybrid",

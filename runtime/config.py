@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
-SPARSITY_MODES = ("dense", "gate", "predictor")
+SPARSITY_MODES = ("dense", "gate", "predictor", "down")
 WEIGHT_FORMATS = ("q8", "q4", "fp32")
 PLACEMENTS = ("fraction", "topk", "ilp")
 # Options that only mean something on the hybrid runtime: setting one (and not is_hybrid) selects it.
@@ -66,9 +66,11 @@ class EngineConfig:
                                    "in `dtype` (the exactness reference)", choices=WEIGHT_FORMATS)
     dtype: str = _option("float32", "float weights and activations ('fp32' weights; the GPU executor on CUDA)",
                          choices=DTYPES)
-    sparsity: str = _option("dense", "which FFN neurons each token computes (gate/predictor need `pinfer "
-                                     "prepare`)", choices=SPARSITY_MODES)
-    activation_sparsity: float = _option(0.0, "target share of inactive (token, neuron) pairs for gate/predictor")
+    sparsity: str = _option("dense", "which FFN neurons each token computes: 'gate' (up/down rows where "
+                                     "|act(gate)| > tau_gate), 'predictor' (where the predictor says), 'down' "
+                                     "(gate/up of all, down rows where |a| > tau_act); the sparse modes need "
+                                     "`pinfer prepare`", choices=SPARSITY_MODES)
+    activation_sparsity: float = _option(0.0, "target share of inactive (token, neuron) pairs for the sparse modes")
     max_batch_size: int = _option(16, "sequences decoded together (KV-cache slots)")
     max_model_len: int | None = _option(None, "context length (default: the model's own)")
     num_threads: int | None = _option(None, "torch threads of the in-process engine (default: all cores)",

@@ -15,7 +15,7 @@ from runtime.errors import EngineDeadError
 from runtime.hybrid.placement import place
 from runtime.model.config import ModelConfig
 from runtime.model.ffn_shard import ShardSpec
-from runtime.sparsity.online import gate_thresholds
+from runtime.sparsity.online import mode_thresholds
 
 PROMPTS = ["hello tiny model", "x" * 40, "def f(a, b):\n    return"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -28,7 +28,7 @@ class Executors:
         cfg = ModelConfig.load(model_dir)
         self.config = EngineConfig.resolve(model=str(model_dir), is_hybrid=True, **options).for_model(
             str(model_dir), cfg.max_position_embeddings)
-        splits, tau = place(self.config, model_dir, cfg), gate_thresholds(model_dir, self.config)
+        splits, tau = place(self.config, model_dir, cfg), mode_thresholds(model_dir, self.config)
         self.gpu = GPUExecutor(self.config, str(model_dir), ShardSpec([s.hot for s in splits], tau), max_rows=max_rows)
         self.cold = ShardSpec([s.cold for s in splits], tau)
         self.cpu = self.attach_cpu()

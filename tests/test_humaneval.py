@@ -182,6 +182,22 @@ def test_runs_resume_and_refuse_other_settings(smollm, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_tokens: 9 now vs 8 there"):
         run_humaneval(EvalConfig(output=out, limit=3, max_tokens=9), smollm, show_progress=False)
 
+    from dataclasses import replace
+
+    from runtime.evals.results import ResultStore, RunSettings
+
+    sidecar = tmp_path / "he.settings.json"
+    recorded = json.loads(sidecar.read_text())
+    assert recorded["weights"] == "fp32"
+    settings = RunSettings(**{**recorded, "stop": tuple(recorded["stop"])})
+    with pytest.raises(ValueError, match="weights: 'q8' now vs 'fp32' there"):       # formats never mix
+        ResultStore(out, replace(settings, weights="q8"))
+    del recorded["weights"]                                            # written before the setting existed
+    sidecar.write_text(json.dumps(recorded))
+    ResultStore(out, settings).close()
+    with pytest.raises(ValueError, match="weights: 'q4' now vs 'fp32' there"):
+        ResultStore(out, replace(settings, weights="q4"))
+
 
 def pinfer(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True, timeout=120)

@@ -115,15 +115,53 @@ def test_sparse_ffn_kernel_equals_its_reference(isa: str, fmt_gu: str, fmt_down:
     mask = torch.rand(rows, len(idx)) < 0.6
     a = torch.nn.functional.silu(xr @ m["gate"][idx].T) * (xr @ m["up"][idx].T)             # [rows, k]
     for threads in (1, 3):
-        assert close(qk.qffn(x, q, idx, "silu", threads), a @ m["down"][idx])
-        assert close(qk.qffn(x, q, idx, "silu", threads, row_mask=mask), (a * mask) @ m["down"][idx])
-    gate_act = torch.nn.functional.silu(qk.qgate(x, q, idx, 1))
-    assert close(gate_act, torch.nn.functional.silu(xr @ m["gate"][idx].T))
-    assert close(qk.qffn(x, q, idx, "silu", 2, gate_act=gate_act), a @ m["down"][idx])
+        y, used = qk.qffn(x, q, idx, "silu", threads)
+        assert close(y, a @ m["down"][idx]) and used == a.numel()
+        y, used = qk.qffn(x, q, idx, "silu", threads, row_mask=mask)
+        assert close(y, (a * mask) @ m["down"][idx]) and used == int(mask.sum())
     every = torch.arange(q.num_neurons)
-    dense = qk.qffn(x, q, every, "silu", 1)
-    assert torch.equal(qk.qffn(x, q, every, "silu", 1, row_mask=torch.ones(rows, q.num_neurons, dtype=torch.bool)), dense)
-    assert qk.qffn(x, q, torch.tensor([], dtype=torch.long), "silu", 2).abs().max() == 0
+    dense, _ = qk.qffn(x, q, every, "silu", 1)
+    assert torch.equal(qk.qffn(x, q, every, "silu", 1, row_mask=torch.ones(rows, q.num_neurons, dtype=torch.bool))[0],
+                       dense)
+    assert qk.qffn(x, q, torch.tensor([], dtype=torch.long), "silu", 2)[0].abs().max() == 0
+
+
+def _gap_threshold(v: torch.Tensor) -> float:
+    """A threshold near the median of |v| that sits in the widest gap there, so that rounding differences
+    between a kernel and its reference cannot move a value across it."""
+    s = v.abs().flatten().sort().values
+    lo, hi = len(s) // 4, 3 * len(s) // 4
+    i = lo + int((s[lo + 1:hi + 1] - s[lo:hi]).argmax())
+    return float(s[i] + s[i + 1]) / 2
+
+
+@pytest.mark.parametrize("fmt_gu", ["q8_0", "q4_1"])
+@pytest.mark.parametrize("rows", [1, 2, 6])
+def test_threshold_modes_skip_exactly_the_small_activations(isa: str, fmt_gu: str, rows: int) -> None:
+    """tau_gate (gate mode): up/down rows only where |act(gate)| > tau; tau_a (down mode): down rows only where
+    |a| > tau; with the predictor's row mask on top; the count of computed pairs is exact."""
+    q, m = _neurons(fmt_gu, "q8_0", n=97)
+    x = torch.randn(rows, q.d)
+    xr = x_reference(x)
+    idx = torch.randperm(q.num_neurons)[:80]
+    g = torch.nn.functional.silu(xr @ m["gate"][idx].T)                                     # [rows, k]
+    a = g * (xr @ m["up"][idx].T)
+    mask = torch.rand(rows, len(idx)) < 0.7
+    tg, ta = _gap_threshold(g), _gap_threshold(a)
+    for threads in (1, 2):
+        y, used = qk.qffn(x, q, idx, "silu", threads, tau_gate=tg)
+        keep = g.abs() > tg
+        assert close(y, (a * keep) @ m["down"][idx]) and used == int(keep.sum())
+        y, used = qk.qffn(x, q, idx, "silu", threads, tau_a=ta)
+        keep = a.abs() > ta
+        assert close(y, (a * keep) @ m["down"][idx]) and used == int(keep.sum())
+        y, used = qk.qffn(x, q, idx, "silu", threads, row_mask=mask, tau_gate=tg, tau_a=ta)
+        keep = mask & (g.abs() > tg) & (a.abs() > ta)
+        assert close(y, (a * keep) @ m["down"][idx]) and used == int(keep.sum())
+    assert 0 < int(keep.sum()) < keep.numel()
+    ungated, _ = _neurons("q8_0", "q8_0", gated=False)
+    with pytest.raises(ValueError, match="gated"):
+        qk.qffn(x, ungated, idx[:3], "silu", 1, tau_gate=0.1)
 
 
 def test_ungated_ffn_and_other_activations(isa: str) -> None:
@@ -132,7 +170,7 @@ def test_ungated_ffn_and_other_activations(isa: str) -> None:
     for rows in (1, 3):
         x = torch.randn(rows, q.d)
         want = torch.relu(x_reference(x) @ m["up"][idx].T) @ m["down"][idx]
-        assert close(qk.qffn(x, q, idx, "relu", 2), want)
+        assert close(qk.qffn(x, q, idx, "relu", 2)[0], want)
 
 
 def test_kernel_paths_agree_with_each_other() -> None:
@@ -143,7 +181,7 @@ def test_kernel_paths_agree_with_each_other() -> None:
     outs = []
     for name in qk.available_isas():
         qk.set_isa(name)
-        outs.append(qk.qffn(x, q, idx, "silu", 1))
+        outs.append(qk.qffn(x, q, idx, "silu", 1)[0])
     qk.set_isa(qk.available_isas()[-1])
     assert all(close(o, outs[0], 1e-5) for o in outs)
 
@@ -272,8 +310,10 @@ def test_executors_on_quantized_weights_equal_the_in_process_engine(quant_dir: P
     local.shutdown()
 
 
-def test_gate_mode_on_quantized_weights_hybrid_tracks_in_process(calibrated_tiny: Path, executors) -> None:
-    gate = {"sparsity": "gate", "activation_sparsity": 0.5, "weights": "q8"}
+@pytest.mark.parametrize("mode", ["gate", "down"])
+def test_threshold_modes_on_quantized_weights_hybrid_tracks_in_process(calibrated_tiny: Path, executors,
+                                                                       mode: str) -> None:
+    gate = {"sparsity": mode, "activation_sparsity": 0.5, "weights": "q8"}
     local = LLM(str(calibrated_tiny), num_threads=1, **gate)
     ex = Executors(calibrated_tiny, hot_fraction=0.4, **gate)
     executors.append(ex)

@@ -40,20 +40,42 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("sparse") / "tiny")
 
 
-def _shard(model_dir: Path, mode: str, neurons=None, tau_gate=None) -> FFNShard:
+def _shard(model_dir: Path, mode: str, neurons=None, thresholds=None) -> FFNShard:
     cfg = json.loads((model_dir / "config.json").read_text())
     every = [np.arange(cfg["intermediate_size"])] * cfg["num_hidden_layers"]
-    return FFNShard.load(model_dir, neurons or every, torch.float32, mode=mode, tau_gate=tau_gate)
+    return FFNShard.load(model_dir, neurons or every, torch.float32, mode=mode, thresholds=thresholds)
 
 
 def test_all_ones_mask_and_zero_threshold_equal_dense(tiny: Path) -> None:
     x = torch.randn(4, 64)
-    dense, pred, gate = _shard(tiny, "dense"), _shard(tiny, "predictor"), _shard(tiny, "gate", tau_gate=[0.0] * 3)
+    dense, pred, gate = _shard(tiny, "dense"), _shard(tiny, "predictor"), _shard(tiny, "gate", thresholds=[0.0] * 3)
+    down = _shard(tiny, "down", thresholds=[0.0] * 3)
     ones = torch.ones(4, 160, dtype=torch.bool)
     for layer in range(3):
         ref = dense.partial(layer, x)
         assert torch.allclose(pred.partial(layer, x, mask=ones), ref, atol=1e-5)
         assert torch.allclose(gate.partial(layer, x), ref, atol=1e-5)
+        assert torch.equal(down.partial(layer, x), ref)
+
+
+def test_down_mode_skips_exactly_the_small_activations(tiny: Path) -> None:
+    """Down mode: a_j of every neuron, down rows only where |a_j| > tau (per row); hot + cold = whole."""
+    from runtime.model.activations import ACTIVATIONS
+    from runtime.model.checkpoint import Checkpoint
+
+    x, tau = torch.randn(3, 64), 0.05
+    ckpt, act = Checkpoint(tiny), ACTIVATIONS[json.loads((tiny / "config.json").read_text())["hidden_act"]]
+    splits = split_by_fraction(3, 160, 0.4, [np.random.rand(160) for _ in range(3)])
+    full = _shard(tiny, "down", thresholds=[tau] * 3)
+    hot = _shard(tiny, "down", [s.hot for s in splits], [tau] * 3)
+    cold = _shard(tiny, "down", [s.cold for s in splits], [tau] * 3)
+    for layer in range(3):
+        w = {n: ckpt.get(f"model.layers.{layer}.mlp.{n}_proj.weight", torch.float32) for n in ("gate", "up", "down")}
+        a = act(x @ w["gate"].T) * (x @ w["up"].T)                                          # [3, 160]
+        keep = a.abs() > tau
+        assert 0 < int(keep.sum()) < keep.numel()
+        assert torch.allclose(full.partial(layer, x), (a * keep) @ w["down"].T, atol=1e-5)
+        assert torch.allclose(hot.partial(layer, x) + cold.partial(layer, x), full.partial(layer, x), atol=1e-5)
 
 
 @pytest.mark.parametrize("hot_fraction", [0.0, 0.25, 0.6, 1.0])
@@ -113,6 +135,9 @@ def test_offline_pipeline_measures_what_it_reports(tiny: Path) -> None:
     gate = LLM(str(tiny), sparsity="gate", activation_sparsity=0.5)
     gate.generate(prompts, params)
     assert 0.3 < gate.achieved_sparsity() < 0.7
+    down = LLM(str(tiny), sparsity="down", activation_sparsity=0.5)   # tau_act of the same calibration
+    down.generate(prompts, params)
+    assert 0.3 < down.achieved_sparsity() < 0.7
     pred = LLM(str(tiny), sparsity="predictor", activation_sparsity=0.5)
     outs = pred.generate(prompts, params)
     assert all(len(o.token_ids) == 6 for o in outs) and pred.achieved_sparsity() is not None

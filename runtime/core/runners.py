@@ -12,7 +12,7 @@ from runtime.model.config import ModelConfig
 from runtime.model.ffn_shard import FFNShard
 from runtime.model.transformer import KVCache, StepInput, Transformer
 from runtime.model.weights import load_transformer
-from runtime.sparsity.online import MaskFn, gate_thresholds, predictor_mask_fn
+from runtime.sparsity.online import MaskFn, mode_thresholds, predictor_mask_fn
 
 
 class Runner(Protocol):
@@ -67,6 +67,6 @@ def build_runner(config: EngineConfig, model_dir: Path) -> DenseRunner | SparseR
     model = load_transformer(model_dir, dtype, with_ffn=False, weights=config.weights)
     model.set_num_threads(config.num_threads)
     every = [np.arange(model.cfg.intermediate_size)] * model.cfg.num_hidden_layers
-    shard = FFNShard.load(model_dir, every, dtype, mode=config.sparsity, tau_gate=gate_thresholds(model_dir, config),
+    shard = FFNShard.load(model_dir, every, dtype, mode=config.sparsity, thresholds=mode_thresholds(model_dir, config),
                           num_threads=config.num_threads, weights=config.weights)
     return SparseRunner(model, shard, predictor_mask_fn(model_dir, config))

@@ -71,7 +71,7 @@ class EvalConfig:
                            float(self.top_p), self.seed if self.temperature > 0 else None, engine.dtype,
                            engine.sparsity, float(engine.activation_sparsity),
                            engine.hot_fraction if engine.is_hybrid else None, float(self.timeout_s), self.memory_mb,
-                           tuple(stop_strings(self.prompt_format)), sparsity_artifacts)
+                           tuple(stop_strings(self.prompt_format)), sparsity_artifacts, weights=engine.weights)
 
 
 def sample_seed(seed: int | None, task_id: str, sample: int) -> int | None:
@@ -223,7 +223,8 @@ def summarize(cfg: EvalConfig, settings: RunSettings, problems: list[Problem], s
     gen_s = sum(r.gen_s for r in records)
     decode_s = sum(r.decode_s for r in records)
     num_decoded = sum(max(r.num_tokens - 1, 0) for r in records)     # the first token comes from prefill
-    engine = {"model": settings.model, "dtype": settings.dtype, "sparsity": settings.sparsity,
+    engine = {"model": settings.model, "weights": settings.weights, "dtype": settings.dtype,
+              "sparsity": settings.sparsity,
               "activation_sparsity": settings.activation_sparsity, "hot_fraction": settings.hot_fraction,
               "achieved_sparsity": llm.achieved_sparsity() if llm is not None and num_new else None,
               "runtime": "hybrid" if settings.hot_fraction is not None else "in-process"}

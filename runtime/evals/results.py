@@ -33,6 +33,7 @@ class RunSettings:
     stop: tuple[str, ...]
     sparsity_artifacts: str | None = None      # digest of the thresholds / predictors used (sparsity.online)
     harness_version: int = HARNESS_VERSION
+    weights: str = "fp32"                       # weight format (q8/q4/fp32): it changes the tokens
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))          # tuples -> lists, as read back from disk
@@ -91,6 +92,7 @@ class ResultStore:
         mine = self.settings.to_json()
         if self.settings_path.exists():
             theirs = json.loads(self.settings_path.read_text())
+            theirs.setdefault("weights", "fp32")         # recorded before the setting existed: float weights
             diff = {k: (mine.get(k), theirs.get(k)) for k in sorted(set(mine) | set(theirs))
                     if mine.get(k) != theirs.get(k)}
             if diff:

@@ -19,7 +19,7 @@ from runtime.hybrid.cluster import RAY_ENV, cluster_has_gpu, ensure_ray
 from runtime.hybrid.placement import place
 from runtime.model.config import ModelConfig
 from runtime.model.ffn_shard import ShardSpec
-from runtime.sparsity.online import gate_thresholds
+from runtime.sparsity.online import mode_thresholds
 from scheduler.layer_scheduler import LayerEvent
 
 logger = logging.getLogger(__name__)
@@ -40,8 +40,8 @@ class HybridEngine(RemoteEngine):
         self.gpu = self.cpu = None
         # Placement first: a budget that cannot hold it is refused before any actor starts.
         splits = place(config, model_dir, ModelConfig.load(model_dir))
-        tau_gate = gate_thresholds(model_dir, config)
-        self._cold_spec = ShardSpec([s.cold for s in splits], tau_gate)
+        thresholds = mode_thresholds(model_dir, config)
+        self._cold_spec = ShardSpec([s.cold for s in splits], thresholds)
         self.owns_cluster = ensure_ray(config.address)
         options: dict[str, Any] = {"num_cpus": 0, "runtime_env": {"env_vars": dict(RAY_ENV)}}
         # Threaded: many callers wait on it at once while its engine thread batches their requests.
@@ -49,7 +49,7 @@ class HybridEngine(RemoteEngine):
         self._cpu_cls = ray.remote(max_restarts=0, **options)(CPUExecutor)
         self._restart_lock = threading.Lock()
         try:
-            self.gpu = gpu_cls.remote(config, str(model_dir), ShardSpec([s.hot for s in splits], tau_gate))
+            self.gpu = gpu_cls.remote(config, str(model_dir), ShardSpec([s.hot for s in splits], thresholds))
             self._rpc(self.gpu, "pid")                         # ready: weights loaded
             self._start_cpu_executor()
         except Exception:

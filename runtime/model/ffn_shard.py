@@ -4,6 +4,8 @@ Modes (the same on both executors):
 - ``dense``: every neuron; input-major weights for the fastest dense matrix-vector product.
 - ``gate`` (CATS): the gate of every neuron is computed; up/down rows only where |act(gate)| > tau_gate.
 - ``predictor`` (PowerInfer): gate/up/down rows only of the neurons the predictor's mask selects.
+- ``down``: gate and up of every neuron; the down rows only where |a_j| > tau_act (the exact mask's quality,
+  a third of the FFN's bytes to save).
 Sparse modes keep the weights neuron-major (one neuron = consecutive rows) for the sparse kernel; a
 batch reads the union of its rows' neurons once, and each row keeps only its own active neurons.
 
@@ -24,7 +26,7 @@ from runtime.config import SPARSITY_MODES
 from runtime.model.activations import ACTIVATIONS
 from runtime.model.checkpoint import Checkpoint
 from runtime.model.config import ModelConfig
-from runtime.model.kernels.quantized import QNeurons, qffn, qgate
+from runtime.model.kernels.quantized import QNeurons, qffn
 from runtime.model.kernels.sparse_ffn import sparse_ffn
 from runtime.model.qweights import open_quantized
 from runtime.model.transformer import ffn_activations
@@ -32,17 +34,17 @@ from runtime.model.transformer import ffn_activations
 
 @dataclass(frozen=True, slots=True)
 class ShardSpec:
-    """What one executor holds: per layer, the global ids of its neurons; and gate mode's per-layer
-    thresholds (None otherwise). Sent to each executor actor when it starts."""
+    """What one executor holds: per layer, the global ids of its neurons; and the sparse mode's per-layer
+    thresholds (gate: on |act(gate)|; down: on |a|; None otherwise). Sent to each executor actor when it starts."""
 
     neurons: list[np.ndarray]
-    tau_gate: list[float] | None = None
+    thresholds: list[float] | None = None
 
 
 class FFNShard:
     def __init__(self, cfg: ModelConfig, neurons: Sequence[np.ndarray], mode: str,
                  weights: dict[str, list[torch.Tensor]] | list[QNeurons],
-                 tau_gate: Sequence[float] | None = None, num_threads: int = 1) -> None:
+                 thresholds: Sequence[float] | None = None, num_threads: int = 1) -> None:
         if mode not in SPARSITY_MODES:
             raise ValueError(f"sparsity mode must be one of {SPARSITY_MODES}, got {mode!r}")
         self.cfg, self.mode, self.num_threads = cfg, mode, num_threads
@@ -51,13 +53,15 @@ class FFNShard:
         self.neurons = [torch.as_tensor(np.asarray(n), dtype=torch.long) for n in neurons]   # global ids per layer
         self.w = weights
         self.quantized: list[QNeurons] | None = weights if isinstance(weights, list) else None
-        self.tau_gate = None if tau_gate is None else [float(t) for t in tau_gate]
+        if mode in ("gate", "down") and thresholds is None:
+            raise ValueError(f"{mode} mode needs its per-layer thresholds")
+        self.tau = None if thresholds is None else [float(t) for t in thresholds]
         self.num_computed = 0            # neurons computed (summed over layers and steps), for achieved sparsity
         self.num_offered = 0
 
     @classmethod
     def load(cls, model_dir: str | Path, neurons: Sequence[np.ndarray], dtype: torch.dtype,
-             device: torch.device | str = "cpu", mode: str = "dense", tau_gate: Sequence[float] | None = None,
+             device: torch.device | str = "cpu", mode: str = "dense", thresholds: Sequence[float] | None = None,
              num_threads: int = 1, weights: str = "fp32", dequantize: bool | None = None) -> "FFNShard":
         """Only the given neurons' rows of the checkpoint (memory-mapped), laid out for ``mode``. Quantized
         ``weights`` stay quantized on the CPU unless ``dequantize`` (default: on other devices)."""
@@ -68,7 +72,7 @@ class FFNShard:
             q = open_quantized(model_dir, weights)
             layers = [q.neurons(i, cfg) for i in range(cfg.num_hidden_layers)]
             if not (torch.device(device).type != "cpu" if dequantize is None else dequantize):
-                return cls(cfg, neurons, mode, layers, tau_gate, num_threads)
+                return cls(cfg, neurons, mode, layers, thresholds, num_threads)
 
             def rows_of(layer: int, idx: np.ndarray) -> dict[str, torch.Tensor]:     # [n, d] each
                 return layers[layer].matrices(idx)
@@ -85,7 +89,7 @@ class FFNShard:
         for layer, idx in enumerate(neurons):
             m = {k: v.to(dtype) for k, v in rows_of(layer, np.asarray(idx)).items()}
             mats, down = [m[k] for k in ("gate", "up") if k in m], m["down"]
-            if mode == "dense":
+            if mode in ("dense", "down"):
                 w["gate_up_t"].append(torch.stack([t.t() for t in mats], dim=2).contiguous().to(device))
                 w["down_t"].append(down.contiguous().to(device))
             elif mode == "gate":                           # dense gate GEMV, then (up, down) rows per neuron
@@ -93,7 +97,7 @@ class FFNShard:
                 w["rows"].append(torch.stack([m["up"], down], dim=1).contiguous().to(device))    # [n, 2, d]
             else:
                 w["rows"].append(torch.stack([*mats, down], dim=1).contiguous().to(device))      # [n, 3|2, d]
-        return cls(cfg, neurons, mode, w, tau_gate, num_threads)
+        return cls(cfg, neurons, mode, w, thresholds, num_threads)
 
     def num_neurons(self, layer: int) -> int:
         return len(self.neurons[layer])
@@ -114,16 +118,20 @@ class FFNShard:
         self.num_offered += n_local
         if self.quantized is not None:
             return self._quantized_partial(layer, x, out, mask)
-        if self.mode == "dense":
-            self.num_offered += n_local * (x.shape[0] - 1)
-            self.num_computed += n_local * x.shape[0]
-            a = ffn_activations(x, self.w["gate_up_t"][layer], self.act)                  # [N, n]
-            return torch.matmul(a, self.w["down_t"][layer], out=out)                       # [N, n] @ [n, d]
         self.num_offered += n_local * (x.shape[0] - 1)
+        if self.mode in ("dense", "down"):
+            a = ffn_activations(x, self.w["gate_up_t"][layer], self.act)                  # [N, n]
+            if self.mode == "down":
+                keep = a.abs() > self.tau[layer]                                           # [N, n]
+                self.num_computed += int(keep.sum())
+                a = a * keep
+            else:
+                self.num_computed += n_local * x.shape[0]
+            return torch.matmul(a, self.w["down_t"][layer], out=out)                       # [N, n] @ [n, d]
         gate_act = None
         if self.mode == "gate":
             gate_act = self.act(x @ self.w["gate_t"][layer])                               # [N, n]
-            local = gate_act.abs() > self.tau_gate[layer]                                  # [N, n]
+            local = gate_act.abs() > self.tau[layer]                                       # [N, n]
         else:
             if mask is None:
                 raise ValueError("predictor mode needs the predictor's mask")
@@ -135,21 +143,16 @@ class FFNShard:
 
     def _quantized_partial(self, layer: int, x: torch.Tensor, out: torch.Tensor | None,
                            mask: torch.Tensor | None) -> torch.Tensor:
+        """One kernel call: the thresholds are applied inside it, neuron by neuron."""
         q, ids, n = self.quantized[layer], self.neurons[layer], x.shape[0]
         self.num_offered += len(ids) * (n - 1)
-        if self.mode == "dense":
-            self.num_computed += len(ids) * n
-            return qffn(x, q, ids, self.act_name, self.num_threads, out=out)
-        gate_act = None
-        if self.mode == "gate":
-            gate_act = self.act(qgate(x, q, ids, self.num_threads))                       # [N, n]
-            local = gate_act.abs() > self.tau_gate[layer]
-        elif mask is None:
-            raise ValueError("predictor mode needs the predictor's mask")
-        else:
-            local = mask[:, ids]                                                           # [N, n]
-        pos = local.any(0).nonzero().squeeze(1)
-        self.num_computed += int(local.sum())
-        return qffn(x, q, ids[pos], self.act_name, self.num_threads,
-                    gate_act=None if gate_act is None else gate_act[:, pos],
-                    row_mask=local[:, pos] if n > 1 else None, out=out)
+        row_mask = None
+        if self.mode == "predictor":
+            if mask is None:
+                raise ValueError("predictor mode needs the predictor's mask")
+            row_mask = mask[:, ids]                                                        # [N, n]
+        tau = None if self.tau is None else self.tau[layer]
+        y, used = qffn(x, q, ids, self.act_name, self.num_threads, row_mask=row_mask, out=out,
+                       tau_gate=tau if self.mode == "gate" else None, tau_a=tau if self.mode == "down" else None)
+        self.num_computed += used
+        return y

@@ -29,13 +29,15 @@ def artifacts_digest(model_dir: Path, config: EngineConfig) -> str | None:
     return artifacts.manifest_digest(model_dir, names, prepare_hint(model_dir, config.activation_sparsity))
 
 
-def gate_thresholds(model_dir: Path, config: EngineConfig) -> list[float] | None:
-    """Per-layer tau_gate of gate mode (None in the other modes)."""
-    if config.sparsity != "gate":
+def mode_thresholds(model_dir: Path, config: EngineConfig) -> list[float] | None:
+    """Per-layer thresholds of the threshold modes: gate mode's tau_gate (on |act(gate)|), down mode's tau_act
+    (on |a|); None in the other modes."""
+    key = {"gate": "tau_gate", "down": "tau_act"}.get(config.sparsity)
+    if key is None:
         return None
     cal, _ = artifacts.load(model_dir, calibration_name(config.activation_sparsity),
                             prepare_hint(model_dir, config.activation_sparsity))
-    return cal["tau_gate"].tolist()
+    return cal[key].tolist()
 
 
 def predictor_mask_fn(model_dir: Path, config: EngineConfig, device: torch.device | str = "cpu") -> MaskFn | None:

@@ -392,11 +392,12 @@ static void axpy_group(const uint8_t *const *down, const float *a, int n, int fm
             for (int t = 0; t < n; t++) {
                 const uint8_t *blk = down[t] + b * 34;
                 const __m256 ad = _mm256_set1_ps(a[t] * half_at(blk));
-                const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
-                v0 = _mm256_fmadd_ps(ad, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm256_castsi256_si128(q))), v0);
-                v1 = _mm256_fmadd_ps(ad, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(_mm256_castsi256_si128(q), 8))), v1);
-                v2 = _mm256_fmadd_ps(ad, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), v2);
-                v3 = _mm256_fmadd_ps(ad, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(_mm256_extracti128_si256(q, 1), 8))), v3);
+#define Q8_QUARTER(i) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * (i)))))
+                v0 = _mm256_fmadd_ps(ad, Q8_QUARTER(0), v0);       /* sign-extending loads: no shuffles */
+                v1 = _mm256_fmadd_ps(ad, Q8_QUARTER(1), v1);
+                v2 = _mm256_fmadd_ps(ad, Q8_QUARTER(2), v2);
+                v3 = _mm256_fmadd_ps(ad, Q8_QUARTER(3), v3);
+#undef Q8_QUARTER
             }
             _mm256_storeu_ps(yb, v0);
             _mm256_storeu_ps(yb + 8, v1);
@@ -409,58 +410,85 @@ static void axpy_group(const uint8_t *const *down, const float *a, int n, int fm
     for (int t = 0; t < n; t++) axpy_row(down[t], fmt, nb, a[t], y);
 }
 
-/* Neuron-sparse FFN: y [n_rows, d] = sum over listed neurons j of a_j(x_r) * down_j.
+/* Whether neuron activation passes a threshold: tau < 0 is "no threshold". */
+static inline int above(float v, float tau) { return tau < 0.f || fabsf(v) > tau; }
+
+/* One group (<= GROUP) of a thread's neurons at decode (one activation row): the gates of all of them, then
+ * the up rows of those whose |act(gate)| passes tau_gate, then the down rows of those whose |a| passes tau_a.
+ * Rows are read two at a time (two independent dot products) and the next rows are prefetched where they
+ * do not follow the previous one: neurons a threshold picks are scattered, and the hardware prefetchers
+ * cannot guess them (consecutive rows they stream on their own). */
+static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *w, int64_t ld_w, const uint8_t *wg,
+                                int64_t ld_g, int fmt_gu, int fmt_down, const int64_t *js, int n, int act,
+                                float tau_gate, float tau_a, float *y) {
+    const int64_t down_off = nb * pinfer_block_bytes(fmt_gu);
+    int64_t live[GROUP];
+    float g[GROUP], a[GROUP];
+    const uint8_t *down[GROUP];
+    int m = 0;
+    if (wg) {                                            /* gates, in pairs; survivors kept with act(gate) */
+        for (int t = 0; t < n; t += 2) {
+            const int t1 = t + 1 < n ? t + 1 : t;
+            for (int t4 = t + 2; t4 < t + 4 && t4 < n; t4++)
+                if (js[t4] != js[t4 - 1] + 1) prefetch_span(wg + js[t4] * ld_g, ld_g);
+            float g0, g1;
+            dot2(wg + js[t] * ld_g, wg + js[t1] * ld_g, fmt_gu, nb, xq, &g0, &g1);
+            g[t] = actf(g0, act);
+            g[t1] = actf(g1, act);
+        }
+        for (int t = 0; t < n; t++)
+            if (above(g[t], tau_gate)) { live[m] = js[t]; g[m++] = g[t]; }
+    } else {
+        for (int t = 0; t < n; t++) live[m++] = js[t];
+    }
+    for (int t = 0; t < 2 && t < m; t++) prefetch_span(w + live[t] * ld_w, ld_w);   /* the group's first rows */
+    int k = 0;
+    for (int t = 0; t < m; t += 2) {                     /* up rows of the survivors, in pairs */
+        const int t1 = t + 1 < m ? t + 1 : t;
+        for (int t4 = t + 2; t4 < t + 4 && t4 < m; t4++)
+            if (live[t4] != live[t4 - 1] + 1) prefetch_span(w + live[t4] * ld_w, ld_w);
+        float u[2];
+        dot2(w + live[t] * ld_w, w + live[t1] * ld_w, fmt_gu, nb, xq, &u[0], &u[1]);
+        for (int e = 0; e < (t1 > t ? 2 : 1); e++) {
+            const float av = wg ? g[t + e] * u[e] : actf(u[e], act);
+            if (above(av, tau_a)) { a[k] = av; down[k++] = w + live[t + e] * ld_w + down_off; }
+        }
+    }
+    axpy_group(down, a, k, fmt_down, nb, y);
+    return k;
+}
+
+/* Neuron-sparse FFN: y [n_rows, d] = sum over the listed neurons j that a row needs of a_j(x_r) * down_j.
  * w: neurons ld_w bytes apart, each [up][down]; wg: the gate rows, ld_g bytes apart (NULL: not gated);
- * idx [k] neuron ids. gate_act [n_rows, ld_gate] (optional): act(gate) already computed, column jj for
- * idx[jj]; then no gate row is read. row_mask [n_rows, ld_mask] (optional): row r uses neuron idx[jj] only
- * where row_mask[r, jj]. Returns 0, or -1 when a per-thread buffer cannot be allocated. */
+ * idx [k] neuron ids. Which neurons a row needs: row_mask [n_rows, ld_mask] (optional; the predictor's:
+ * row r uses idx[jj] only where row_mask[r, jj]), then |act(gate)| > tau_gate (gate mode, CATS) and
+ * |a_j| > tau_a (down rows only of the large activations); a negative tau is no threshold. A batch reads a
+ * neuron's rows once for every row of a tile that needs it. *n_used (optional) receives the number of
+ * (row, neuron) pairs whose down row was applied. Returns 0, or -1 when a per-thread buffer cannot be
+ * allocated. */
 int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *w, int64_t ld_w, const uint8_t *wg,
-                int64_t ld_g, int fmt_gu, int fmt_down, const int64_t *idx, int64_t k, const float *gate_act,
-                int64_t ld_gate, const uint8_t *row_mask, int64_t ld_mask, int act, float *y, int n_threads) {
+                int64_t ld_g, int fmt_gu, int fmt_down, const int64_t *idx, int64_t k, const uint8_t *row_mask,
+                int64_t ld_mask, float tau_gate, float tau_a, int act, float *y, int64_t *n_used, int n_threads) {
     const int64_t nb = d / QK, nd = (int64_t)n_rows * d;
-    const int64_t up_off = 0, down_off = nb * pinfer_block_bytes(fmt_gu);
-    const int gated = wg != NULL;
+    const int64_t down_off = nb * pinfer_block_bytes(fmt_gu);
     memset(y, 0, nd * sizeof(float));
     const int T = clamp_threads(n_threads, k, 16);
     float *part = T > 1 ? calloc((size_t)(T - 1) * nd, sizeof(float)) : NULL;
     if (T > 1 && !part) return -1;
-#pragma omp parallel num_threads(T) if (T > 1)
+    int64_t used = 0;
+#pragma omp parallel num_threads(T) if (T > 1) reduction(+ : used)
     {
         const int t = omp_get_thread_num();
         float *yt = t == 0 ? y : part + (int64_t)(t - 1) * nd;
-        if (n_rows == 1) {                              /* decode: gate and up together, down in groups */
+        if (n_rows == 1) {                              /* decode: a thread's share of the list, in groups */
             const int nt = omp_get_num_threads();
             const int64_t lo = k * t / nt, hi = k * (t + 1) / nt;
-            const uint8_t *down[GROUP];
-            float a[GROUP];
             for (int64_t g0 = lo; g0 < hi; g0 += GROUP) {
                 int64_t js[GROUP];
                 int n = 0;
                 for (int64_t jj = g0; jj < hi && jj < g0 + GROUP; jj++)
-                    if (!row_mask || row_mask[jj]) js[n++] = jj;
-                for (int t2 = 0; t2 < n; t2++) down[t2] = w + idx[js[t2]] * ld_w + down_off;
-                if (gated && !gate_act) {                /* a neuron's gate and up rows side by side */
-                    for (int t2 = 0; t2 < n; t2++) {
-                        if (t2 + 2 < n) {
-                            prefetch_span(w + idx[js[t2 + 2]] * ld_w, ld_w);
-                            prefetch_span(wg + idx[js[t2 + 2]] * ld_g, ld_g);
-                        }
-                        float gv, u;
-                        dot2(wg + idx[js[t2]] * ld_g, w + idx[js[t2]] * ld_w + up_off, fmt_gu, nb, xq, &gv, &u);
-                        a[t2] = actf(gv, act) * u;
-                    }
-                } else {                                 /* two neurons' up rows side by side */
-                    for (int t2 = 0; t2 < n; t2 += 2) {
-                        const int t3 = t2 + 1 < n ? t2 + 1 : t2;
-                        for (int t4 = t2 + 2; t4 < t2 + 4 && t4 < n; t4++) prefetch_span(w + idx[js[t4]] * ld_w, ld_w);
-                        float u0, u1;
-                        dot2(w + idx[js[t2]] * ld_w + up_off, w + idx[js[t3]] * ld_w + up_off, fmt_gu, nb, xq, &u0,
-                             &u1);
-                        a[t2] = gate_act ? gate_act[js[t2]] * u0 : actf(u0, act);
-                        a[t3] = gate_act ? gate_act[js[t3]] * u1 : actf(u1, act);
-                    }
-                }
-                axpy_group(down, a, n, fmt_down, nb, yt);
+                    if (!row_mask || row_mask[jj]) js[n++] = idx[jj];
+                used += ffn_group_decode(xq, nb, w, ld_w, wg, ld_g, fmt_gu, fmt_down, js, n, act, tau_gate, tau_a, yt);
             }
         } else
 #pragma omp for schedule(static)
@@ -470,21 +498,29 @@ int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *w, int64
                 const int nr = n_rows - r0 < TILE ? n_rows - r0 : TILE;
                 const XBlock *xs[TILE];
                 float g[TILE], u[TILE];
-                int any = 0;
+                int need[TILE], any = 0;
                 for (int r = 0; r < nr; r++) {
                     xs[r] = xq + (int64_t)(r0 + r) * nb;
-                    any |= !row_mask || row_mask[(int64_t)(r0 + r) * ld_mask + jj];
+                    need[r] = !row_mask || row_mask[(int64_t)(r0 + r) * ld_mask + jj];
+                    any |= need[r];
                 }
                 if (!any) continue;
-                dot_rows(nrn + up_off, fmt_gu, nb, xs, nr, u);
-                if (gated && !gate_act) dot_rows(wg + idx[jj] * ld_g, fmt_gu, nb, xs, nr, g);
+                if (wg) {
+                    dot_rows(wg + idx[jj] * ld_g, fmt_gu, nb, xs, nr, g);
+                    any = 0;
+                    for (int r = 0; r < nr; r++) {
+                        g[r] = actf(g[r], act);
+                        need[r] = need[r] && above(g[r], tau_gate);
+                        any |= need[r];
+                    }
+                    if (!any) continue;
+                }
+                dot_rows(nrn, fmt_gu, nb, xs, nr, u);
                 for (int r = 0; r < nr; r++) {
-                    const int64_t row = r0 + r;
-                    if (row_mask && !row_mask[row * ld_mask + jj]) continue;
-                    const float a = gate_act ? gate_act[row * ld_gate + jj] * u[r]
-                                    : gated  ? actf(g[r], act) * u[r]
-                                             : actf(u[r], act);
-                    axpy_row(nrn + down_off, fmt_down, nb, a, yt + row * d);
+                    const float a = wg ? g[r] * u[r] : actf(u[r], act);
+                    if (!need[r] || !above(a, tau_a)) continue;
+                    axpy_row(nrn + down_off, fmt_down, nb, a, yt + (int64_t)(r0 + r) * d);
+                    used++;
                 }
             }
         }
@@ -494,6 +530,7 @@ int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *w, int64
         for (int64_t i = 0; i < nd; i++) y[i] += p[i];
     }
     free(part);
+    if (n_used) *n_used = used;
     return 0;
 }
 

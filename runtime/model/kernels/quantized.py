@@ -28,7 +28,7 @@ _SIGNATURES = {
     "pinfer_quantize_x": (None, [_P, _I64, _I64, _P]),
     "pinfer_dequantize_rows": (None, [_P, _I, _I64, _I64, _P, _I64, _P]),
     "pinfer_gemv": (None, [_P, _I, _I64, _I64, _P, _I64, _P, _I, _P, _I64, _I]),
-    "pinfer_qffn": (_I, [_P, _I, _I64, _P, _I64, _P, _I64, _I, _I, _P, _I64, _P, _I64, _P, _I64, _I, _P, _I]),
+    "pinfer_qffn": (_I, [_P, _I, _I64, _P, _I64, _P, _I64, _I, _I, _P, _I64, _P, _I64, _F, _F, _I, _P, _P, _I]),
     "pinfer_attn_decode": (_I, [_P, _P, _I, _I64, _P, _P, _F, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _I64,
                                 _P, _P, _I]),
 }
@@ -160,38 +160,32 @@ def qlinear(x: torch.Tensor, w: QMatrix, num_threads: int | None = None) -> torc
     return y.view(*x.shape[:-1], n)
 
 
-def qgate(x: torch.Tensor, w: QNeurons, idx: torch.Tensor, num_threads: int) -> torch.Tensor:
-    """Gate pre-activations x . gate_j for neurons ``idx``: x [N, d] -> [N, len(idx)]."""
-    rows, idx = _rows(x, w.d), idx.to(torch.int64).contiguous()
-    y = torch.empty(rows.shape[0], idx.numel(), dtype=torch.float32)
-    xq = quantize_x(rows)
-    lib().pinfer_gemv(_ptr(w.gate), FORMAT_CODES[w.fmt_gu], w.gate.shape[1], w.d, idx.data_ptr(), idx.numel(),
-                      xq.data_ptr(), rows.shape[0], y.data_ptr(), idx.numel(), num_threads)
-    return y
-
-
 def qffn(x: torch.Tensor, w: QNeurons, idx: torch.Tensor, act: str, num_threads: int,
-         gate_act: torch.Tensor | None = None, row_mask: torch.Tensor | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
-    """sum over neurons j in ``idx`` of a_j(x) * down_j: x [N, d] -> [N, d] (into ``out``).
+         row_mask: torch.Tensor | None = None, tau_gate: float | None = None, tau_a: float | None = None,
+         out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """sum over neurons j in ``idx`` that row r needs of a_j(x_r) * down_j: x [N, d] -> [N, d] (into ``out``),
+    and the number of (row, neuron) pairs computed.
 
-    ``gate_act`` [N, len(idx)]: act(gate) already computed (its gate rows are not read); ``row_mask``
-    [N, len(idx)] bool: row r uses neuron idx[jj] only where row_mask[r, jj].
+    Row r needs neuron idx[jj] where ``row_mask`` [N, len(idx)] (bool) holds, |act(gate_j)| > ``tau_gate`` (the
+    gate rows are read first; up/down rows only of the neurons that pass) and |a_j| > ``tau_a`` (the down row only
+    of the large activations); None means no such condition.
     """
     rows, idx = _rows(x, w.d), idx.to(torch.int64).contiguous()
     y = out if out is not None else torch.empty(rows.shape[0], w.d, dtype=torch.float32)
-    g = None if gate_act is None else gate_act.contiguous()
     m = None if row_mask is None else row_mask.to(torch.uint8).contiguous()
+    if tau_gate is not None and w.gate is None:
+        raise ValueError("a gate threshold needs a gated FFN")
+    used = ctypes.c_int64(0)
     xq = quantize_x(rows)
     rc = lib().pinfer_qffn(xq.data_ptr(), rows.shape[0], w.d, _ptr(w.data), w.data.shape[1],
                            None if w.gate is None else _ptr(w.gate), 0 if w.gate is None else w.gate.shape[1],
-                           FORMAT_CODES[w.fmt_gu], FORMAT_CODES[w.fmt_down], idx.data_ptr(),
-                           idx.numel(), None if g is None else g.data_ptr(), 0 if g is None else g.stride(0),
-                           None if m is None else m.data_ptr(), 0 if m is None else m.stride(0), ACT_CODES[act],
-                           y.data_ptr(), num_threads)
+                           FORMAT_CODES[w.fmt_gu], FORMAT_CODES[w.fmt_down], idx.data_ptr(), idx.numel(),
+                           None if m is None else m.data_ptr(), 0 if m is None else m.stride(0),
+                           -1.0 if tau_gate is None else tau_gate, -1.0 if tau_a is None else tau_a,
+                           ACT_CODES[act], y.data_ptr(), ctypes.addressof(used), num_threads)
     if rc != 0:
         raise MemoryError("quantized FFN kernel could not allocate its per-thread buffers")
-    return y
+    return y, used.value
 
 
 def attention_decode(x: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor, eps: float, w_qkv: QMatrix,
@@ -226,5 +220,5 @@ def embed_rows(w: QMatrix, tokens: torch.Tensor) -> torch.Tensor:
     return out.view(*tokens.shape, w.k)
 
 
-__all__ = ["BLOCK_BYTES", "QMatrix", "QNeurons", "attention_decode", "available_isas", "embed_rows", "qffn", "qgate", "qlinear",
+__all__ = ["BLOCK_BYTES", "QMatrix", "QNeurons", "attention_decode", "available_isas", "embed_rows", "qffn", "qlinear",
            "quantize_x", "set_isa"]
