@@ -9,9 +9,11 @@ Modes (the same on both executors):
 Sparse modes keep the weights neuron-major (one neuron = consecutive rows) for the sparse kernel; a
 batch reads the union of its rows' neurons once, and each row keeps only its own active neurons.
 
-Quantized weights (q8/q4) are neuron-major in every mode: the shard holds the memory-mapped layer of the
-container and its neurons' global ids, and the block kernels read exactly those neurons' rows (dense =
-all of them). On devices without the kernels the shard's rows are dequantized into the float layouts.
+Quantized weights (q8/q4) are neuron-major in every mode: a shard of a whole layer reads the container's
+memory-mapped rows; a shard of some neurons (a hot/cold split) copies its rows into memory of its own, in its
+order, so it streams consecutive rows (each neuron still lives in one executor only). The block kernels read
+exactly the neurons a token needs. On devices without the kernels the rows are dequantized into the float
+layouts.
 """
 from __future__ import annotations
 
@@ -41,6 +43,12 @@ class ShardSpec:
     thresholds: list[float] | None = None
 
 
+def _is_every(ids: np.ndarray, n: int) -> bool:
+    """Whether ``ids`` is 0..n-1 in order (the whole layer)."""
+    ids = np.asarray(ids)
+    return len(ids) == n and bool((ids == np.arange(n)).all())
+
+
 class FFNShard:
     def __init__(self, cfg: ModelConfig, neurons: Sequence[np.ndarray], mode: str,
                  weights: dict[str, list[torch.Tensor]] | list[QNeurons],
@@ -52,7 +60,12 @@ class FFNShard:
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.neurons = [torch.as_tensor(np.asarray(n), dtype=torch.long) for n in neurons]   # global ids per layer
         self.w = weights
+        # Quantized: layer l's QNeurons holds exactly this shard's neurons, row i = neuron neurons[l][i].
         self.quantized: list[QNeurons] | None = weights if isinstance(weights, list) else None
+        if self.quantized is not None:
+            if [q.num_neurons for q in self.quantized] != [len(n) for n in self.neurons]:
+                raise ValueError("quantized layers must hold exactly the shard's neurons, in order")
+            self._local = [torch.arange(len(n)) for n in self.neurons]
         if mode in ("gate", "down") and thresholds is None:
             raise ValueError(f"{mode} mode needs its per-layer thresholds")
         self.tau = None if thresholds is None else [float(t) for t in thresholds]
@@ -72,7 +85,10 @@ class FFNShard:
             q = open_quantized(model_dir, weights)
             layers = [q.neurons(i, cfg) for i in range(cfg.num_hidden_layers)]
             if not (torch.device(device).type != "cpu" if dequantize is None else dequantize):
-                return cls(cfg, neurons, mode, layers, thresholds, num_threads)
+                # Every neuron: the mapped layer as it is; a subset: its rows copied, consecutive.
+                own = [q_l if _is_every(idx, q_l.num_neurons) else q_l.subset(np.asarray(idx))
+                       for q_l, idx in zip(layers, neurons)]
+                return cls(cfg, neurons, mode, own, thresholds, num_threads)
 
             def rows_of(layer: int, idx: np.ndarray) -> dict[str, torch.Tensor]:     # [n, d] each
                 return layers[layer].matrices(idx)
@@ -152,7 +168,7 @@ class FFNShard:
                 raise ValueError("predictor mode needs the predictor's mask")
             row_mask = mask[:, ids]                                                        # [N, n]
         tau = None if self.tau is None else self.tau[layer]
-        y, used = qffn(x, q, ids, self.act_name, self.num_threads, row_mask=row_mask, out=out,
+        y, used = qffn(x, q, self._local[layer], self.act_name, self.num_threads, row_mask=row_mask, out=out,
                        tau_gate=tau if self.mode == "gate" else None, tau_a=tau if self.mode == "down" else None)
         self.num_computed += used
         return y

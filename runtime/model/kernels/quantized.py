@@ -1,8 +1,8 @@
 """Block-quantized matrices and their kernels (``quantized.c``, built at first use, called through ctypes).
 
 ``QMatrix`` is a matrix of output rows in one block format; ``QNeurons`` is one layer's FFN, neuron-major
-(neuron j = its up and down rows, contiguous; the gate rows as a matrix of their own). Both hold memory-mapped bytes: processes that map the
-same file share its pages, so a weight is held once however the neurons are split between executors.
+(neuron j = its up and down rows, contiguous; the gate rows as a matrix of their own). Both hold memory-mapped
+bytes (processes that map the same file share its pages) or, for a shard of some neurons, a copy of their rows.
 Activations are fp32 torch tensors, quantized to 8-bit blocks once per call inside the kernel library.
 """
 from __future__ import annotations
@@ -121,6 +121,13 @@ class QNeurons:
     def nbytes(self, num: int | None = None) -> int:
         per = self.data.shape[1] + (0 if self.gate is None else self.gate.shape[1])
         return per * (self.num_neurons if num is None else num)
+
+    def subset(self, rows: np.ndarray) -> "QNeurons":
+        """The given neurons' rows copied into memory of their own, in that order: a shard of scattered neurons
+        streams them as consecutive rows (read where they lie, they cost ~20% more)."""
+        return QNeurons(np.ascontiguousarray(self.data[rows]),
+                        None if self.gate is None else np.ascontiguousarray(self.gate[rows]),
+                        self.fmt_gu, self.fmt_down, self.d)
 
     def matrices(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """The given neurons' rows dequantized: gate (gated FFNs), up, down, each fp32 [n, d]."""
