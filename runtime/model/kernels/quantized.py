@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -68,11 +68,13 @@ class QMatrix:
     data: np.ndarray          # uint8 [n, row_bytes(fmt, k)]
     fmt: str
     k: int
+    ptr: int = field(init=False, repr=False, compare=False)      # data's address, taken once for the kernels
 
     def __post_init__(self) -> None:
         if self.data.dtype != np.uint8 or self.data.ndim != 2 or self.data.shape[1] != row_bytes(self.fmt, self.k):
             raise ValueError(f"{self.fmt} matrix of {self.k} inputs needs uint8 rows of "
                              f"{row_bytes(self.fmt, self.k)} bytes, got {self.data.dtype} {self.data.shape}")
+        object.__setattr__(self, "ptr", _address(self.data))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -99,8 +101,12 @@ class QNeurons:
     fmt_gu: str
     fmt_down: str
     d: int
+    ptr: int = field(init=False, repr=False, compare=False)              # addresses of data and gate
+    gate_ptr: int | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "ptr", _address(self.data))
+        object.__setattr__(self, "gate_ptr", None if self.gate is None else _address(self.gate))
         want = row_bytes(self.fmt_gu, self.d) + row_bytes(self.fmt_down, self.d)
         if self.data.dtype != np.uint8 or self.data.ndim != 2 or self.data.shape[1] != want:
             raise ValueError(f"FFN neurons ({self.fmt_gu}/{self.fmt_down}, d={self.d}) need uint8 rows of "
@@ -138,8 +144,11 @@ class QNeurons:
         return out
 
 
-def _ptr(a: np.ndarray | torch.Tensor) -> int:
-    return a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()
+def _address(a: np.ndarray) -> int:
+    """The address of a C-contiguous array's first byte (the kernels take rows as consecutive bytes)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("quantized rows must be C-contiguous")
+    return a.ctypes.data
 
 
 def quantize_x(x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +171,7 @@ def qlinear(x: torch.Tensor, w: QMatrix, num_threads: int | None = None) -> torc
     rows = _rows(x, k)
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
     xq = quantize_x(rows)                                 # held: the kernel reads it
-    lib().pinfer_gemv(_ptr(w.data), FORMAT_CODES[w.fmt], w.data.shape[1], k, None, n, xq.data_ptr(),
+    lib().pinfer_gemv(w.ptr, FORMAT_CODES[w.fmt], w.data.shape[1], k, None, n, xq.data_ptr(),
                       rows.shape[0], y.data_ptr(), n, num_threads or torch.get_num_threads())
     return y.view(*x.shape[:-1], n)
 
@@ -184,8 +193,8 @@ def qffn(x: torch.Tensor, w: QNeurons, idx: torch.Tensor, act: str, num_threads:
         raise ValueError("a gate threshold needs a gated FFN")
     used = ctypes.c_int64(0)
     xq = quantize_x(rows)
-    rc = lib().pinfer_qffn(xq.data_ptr(), rows.shape[0], w.d, _ptr(w.data), w.data.shape[1],
-                           None if w.gate is None else _ptr(w.gate), 0 if w.gate is None else w.gate.shape[1],
+    rc = lib().pinfer_qffn(xq.data_ptr(), rows.shape[0], w.d, w.ptr, w.data.shape[1],
+                           w.gate_ptr, 0 if w.gate is None else w.gate.shape[1],
                            FORMAT_CODES[w.fmt_gu], FORMAT_CODES[w.fmt_down], idx.data_ptr(), idx.numel(),
                            None if m is None else m.data_ptr(), 0 if m is None else m.stride(0),
                            -1.0 if tau_gate is None else tau_gate, -1.0 if tau_a is None else tau_a,
@@ -207,8 +216,8 @@ def attention_decode(x: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor, 
     hd = cos.shape[-1]
     h = torch.empty_like(x)
     rc = lib().pinfer_attn_decode(x.data_ptr(), h.data_ptr(), B, d, norm1.data_ptr(), norm2.data_ptr(), eps,
-                                  _ptr(w_qkv.data), FORMAT_CODES[w_qkv.fmt], None if b_qkv is None else b_qkv.data_ptr(),
-                                  _ptr(w_o.data), FORMAT_CODES[w_o.fmt], heads, kv_heads, hd, cos.data_ptr(),
+                                  w_qkv.ptr, FORMAT_CODES[w_qkv.fmt], None if b_qkv is None else b_qkv.data_ptr(),
+                                  w_o.ptr, FORMAT_CODES[w_o.fmt], heads, kv_heads, hd, cos.data_ptr(),
                                   sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2],
                                   slots.data_ptr(), positions.data_ptr(), num_threads)
     if rc != 0:
@@ -222,7 +231,7 @@ def embed_rows(w: QMatrix, tokens: torch.Tensor) -> torch.Tensor:
     if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < w.data.shape[0]:
         raise IndexError(f"token ids must be in [0, {w.data.shape[0]}), got {idx.min()}..{idx.max()}")
     out = torch.empty(idx.numel(), w.k, dtype=torch.float32)
-    lib().pinfer_dequantize_rows(_ptr(w.data), FORMAT_CODES[w.fmt], w.data.shape[1], w.k, idx.data_ptr(),
+    lib().pinfer_dequantize_rows(w.ptr, FORMAT_CODES[w.fmt], w.data.shape[1], w.k, idx.data_ptr(),
                                  idx.numel(), out.data_ptr())
     return out.view(*tokens.shape, w.k)
 
