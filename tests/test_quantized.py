@@ -220,6 +220,13 @@ def test_container_round_trips_the_float_checkpoint(quant_dir: Path, weights: st
     assert torch.allclose(m["down"], ckpt.get("model.layers.2.mlp.down_proj.weight", torch.float32)[:, rows].T,
                           atol=0.02 * ckpt.get("model.layers.2.mlp.down_proj.weight", torch.float32).abs().max())
     assert q.neurons(0, cfg).num_neurons == cfg.intermediate_size
+    layer = q.neurons(2, cfg)
+    own = layer.subset(rows)                                           # a shard's copy of its rows
+    before = layer.data.copy()
+    q.release([layer.data, layer.gate])                                # the mapped pages dropped...
+    assert np.array_equal(layer.data, before) and np.array_equal(own.data, before[rows])   # ...never the bytes
+    with pytest.raises(ValueError, match="views of this weights file"):
+        q.release([own.data])
 
 
 def test_bad_and_truncated_weight_files_give_a_clear_error(quant_dir: Path, tmp_path: Path) -> None:

@@ -85,9 +85,15 @@ class FFNShard:
             q = open_quantized(model_dir, weights)
             layers = [q.neurons(i, cfg) for i in range(cfg.num_hidden_layers)]
             if not (torch.device(device).type != "cpu" if dequantize is None else dequantize):
-                # Every neuron: the mapped layer as it is; a subset: its rows copied, consecutive.
-                own = [q_l if _is_every(idx, q_l.num_neurons) else q_l.subset(np.asarray(idx))
-                       for q_l, idx in zip(layers, neurons)]
+                # Every neuron: the mapped layer as it is; a subset: its rows copied, consecutive (and the
+                # layer's mapped pages dropped, so that each neuron is held by one executor only).
+                own = []
+                for q_l, idx in zip(layers, neurons):
+                    if _is_every(idx, q_l.num_neurons):
+                        own.append(q_l)
+                    else:
+                        own.append(q_l.subset(np.asarray(idx)))
+                        q.release([q_l.data, q_l.gate])
                 return cls(cfg, neurons, mode, own, thresholds, num_threads)
 
             def rows_of(layer: int, idx: np.ndarray) -> dict[str, torch.Tensor]:     # [n, d] each

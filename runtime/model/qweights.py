@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import struct
 from collections.abc import Callable
@@ -158,6 +159,20 @@ class QuantizedCheckpoint:
         if name not in self._tensors:
             raise WeightsFileError(f"{self.path}: no tensor {name!r}")
         return self._tensors[name]
+
+    def release(self, arrays: list[np.ndarray | None]) -> None:
+        """Drop this process's mapped pages of ``arrays`` (views of this file) once their bytes live elsewhere:
+        they stop counting in its memory; touching them again would read them back from the page cache."""
+        base, page = self._map.ctypes.data, mmap.PAGESIZE
+        for a in arrays:
+            if a is None or a.nbytes == 0:
+                continue
+            start = a.ctypes.data - base
+            if not 0 <= start <= len(self._map) - a.nbytes:
+                raise ValueError("release() takes views of this weights file")
+            first, last = -(-start // page) * page, (start + a.nbytes) // page * page     # whole pages inside
+            if last > first:
+                self._map._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def matrix(self, name: str, k: int) -> QMatrix:
         return QMatrix(self._get(name), self.formats[name], k)

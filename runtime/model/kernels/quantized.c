@@ -212,7 +212,8 @@ static inline __m256i idot_q41(const uint8_t *blk, const __m256i xq) {
     const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0xF));
     return _mm256_madd_epi16(_mm256_maddubs_epi16(q, xq), _mm256_set1_epi16(1));
 }
-#define PREFETCH 768 /* bytes ahead in each weight stream: DRAM latency outlasts a row's compute */
+#define PREFETCH 2048 /* bytes ahead in each weight stream: DRAM latency outlasts a row's compute (Zen 1: 768 -> 2048 B
+                       * took a streamed Q8_0 block from 4.0 to 3.6 ns) */
 #define SCALED(blk, xb, p, acc) _mm256_fmadd_ps(_mm256_set1_ps(half_at(blk) * (xb)->d), _mm256_cvtepi32_ps(p), acc)
 
 /* Two weight rows of one format against one activation row; each row keeps two accumulator chains. */
