@@ -37,7 +37,6 @@ from _common import quiet_logs
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMATS = ("fp32", "q8", "q4")
-VARIANT = re.compile(r"^(fp32|q8|q4)(?:\+(gate|predictor|down)(\d\d))?$")    # e.g. q8, q8+down70
 PPL_TARGET = 1.01
 PROMPTS = ["def fib(n):", "The capital of France is",
            "import numpy as np\n\ndef moving_average(x, w):\n    \"\"\"Return the moving average.\"\"\"\n"]
@@ -56,10 +55,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=None, help="markdown path (default: results/quality_<model>.md)")
     args = ap.parse_args()
+    from runtime.config import SPARSITY_MODES, WEIGHT_FORMATS
+
+    # a weight format, optionally with a sparse mode at a calibrated level: q8, q8+down70
+    variant = re.compile(rf"^({'|'.join(WEIGHT_FORMATS)})(?:\+({'|'.join(SPARSITY_MODES)})(\d\d))?$")
     if "fp32" not in args.formats:
         ap.error("--formats must include fp32 (the reference)")
     for f in args.formats:
-        if not VARIANT.match(f):
+        if not variant.match(f):
             ap.error(f"--formats: {f!r} is not a format (fp32, q8, q4) with an optional +<mode><level>")
     formats = ["fp32"] + [f for i, f in enumerate(args.formats) if f != "fp32" and f not in args.formats[:i]]
     quiet_logs()
@@ -78,7 +81,7 @@ def main() -> None:
     rows: list[dict] = []
     for fmt in formats:
         t0 = time.perf_counter()
-        weights, mode, level = VARIANT.match(fmt).groups()
+        weights, mode, level = variant.match(fmt).groups()
         sparse = {"sparsity": mode, "activation_sparsity": int(level) / 100} if mode else {}
         llm = LLM(args.model, weights=weights, num_threads=args.threads, **sparse)
         load_s = time.perf_counter() - t0
@@ -109,7 +112,8 @@ def main() -> None:
             agree.append(int((pred == torch.tensor(r.token_ids)).sum().item()))
             positions += len(r.token_ids)
 
-        row = {"format": fmt, "achieved_sparsity": llm.achieved_sparsity() if mode else None, "ppl": ppl, "nll_sum": nll, "ppl_tokens_scored": count,
+        row = {"format": fmt, "achieved_sparsity": llm.achieved_sparsity() if mode else None, "ppl": ppl,
+               "nll_sum": nll, "ppl_tokens_scored": count,
                "ratio_to_fp32": None, "pass": None, "first_divergence": divergence,
                "teacher_forced_agreement": sum(agree) / positions if positions else None,
                "teacher_forced_agreement_per_prompt": [a / len(r.token_ids) if r.token_ids else None

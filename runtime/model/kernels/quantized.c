@@ -276,6 +276,13 @@ static inline void dot_rows(const uint8_t *w, int fmt, int64_t nb, const XBlock 
 
 /* ---- y += a * row (dequantized), one row of k values ---------------------------------------------- */
 
+#if HAVE_AVX2
+/* Quarter i of a Q8_0 block (weights 8i..8i+7) as floats (a sign-extending load: no shuffles). */
+static inline __m256 q8_quarter(const uint8_t *blk, int i) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * i))));
+}
+#endif
+
 static void axpy_row(const uint8_t *w, int fmt, int64_t nb, float a, float *y) {
 #if HAVE_AVX2
     if (g_isa == ISA_AVX2) {
@@ -284,10 +291,7 @@ static void axpy_row(const uint8_t *w, int fmt, int64_t nb, float a, float *y) {
             if (fmt == FMT_Q8_0) {
                 const uint8_t *blk = w + b * 34;
                 const __m256 ad = _mm256_set1_ps(a * half_at(blk));
-                for (int i = 0; i < 4; i++) {
-                    const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * i)));
-                    v[i] = _mm256_fmadd_ps(ad, _mm256_cvtepi32_ps(q), _mm256_loadu_ps(y + 8 * i));
-                }
+                for (int i = 0; i < 4; i++) v[i] = _mm256_fmadd_ps(ad, q8_quarter(blk, i), _mm256_loadu_ps(y + 8 * i));
             } else {
                 const uint8_t *blk = w + b * 20;
                 const __m256 ad = _mm256_set1_ps(a * half_at(blk)), am = _mm256_set1_ps(a * half_at(blk + 2));
@@ -393,12 +397,10 @@ static void axpy_group(const uint8_t *const *down, const float *a, int n, int fm
             for (int t = 0; t < n; t++) {
                 const uint8_t *blk = down[t] + b * 34;
                 const __m256 ad = _mm256_set1_ps(a[t] * half_at(blk));
-#define Q8_QUARTER(i) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * (i)))))
-                v0 = _mm256_fmadd_ps(ad, Q8_QUARTER(0), v0);       /* sign-extending loads: no shuffles */
-                v1 = _mm256_fmadd_ps(ad, Q8_QUARTER(1), v1);
-                v2 = _mm256_fmadd_ps(ad, Q8_QUARTER(2), v2);
-                v3 = _mm256_fmadd_ps(ad, Q8_QUARTER(3), v3);
-#undef Q8_QUARTER
+                v0 = _mm256_fmadd_ps(ad, q8_quarter(blk, 0), v0);
+                v1 = _mm256_fmadd_ps(ad, q8_quarter(blk, 1), v1);
+                v2 = _mm256_fmadd_ps(ad, q8_quarter(blk, 2), v2);
+                v3 = _mm256_fmadd_ps(ad, q8_quarter(blk, 3), v3);
             }
             _mm256_storeu_ps(yb, v0);
             _mm256_storeu_ps(yb + 8, v1);
@@ -409,6 +411,13 @@ static void axpy_group(const uint8_t *const *down, const float *a, int n, int fm
     }
 #endif
     for (int t = 0; t < n; t++) axpy_row(down[t], fmt, nb, a[t], y);
+}
+
+/* Prefetch rows ids[t] (t in [from, from + 2), < n) of a matrix whose rows are ld bytes apart, skipping rows
+ * that follow the one before (the hardware prefetchers stream those). */
+static inline void prefetch_rows_ahead(const uint8_t *base, int64_t ld, const int64_t *ids, int from, int n) {
+    for (int t = from; t < from + 2 && t < n; t++)
+        if (t == 0 || ids[t] != ids[t - 1] + 1) prefetch_span(base + ids[t] * ld, ld);
 }
 
 /* Whether neuron activation passes a threshold: tau < 0 is "no threshold". */
@@ -430,8 +439,7 @@ static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *w, 
     if (wg) {                                            /* gates, in pairs; survivors kept with act(gate) */
         for (int t = 0; t < n; t += 2) {
             const int t1 = t + 1 < n ? t + 1 : t;
-            for (int t4 = t + 2; t4 < t + 4 && t4 < n; t4++)
-                if (js[t4] != js[t4 - 1] + 1) prefetch_span(wg + js[t4] * ld_g, ld_g);
+            prefetch_rows_ahead(wg, ld_g, js, t + 2, n);
             float g0, g1;
             dot2(wg + js[t] * ld_g, wg + js[t1] * ld_g, fmt_gu, nb, xq, &g0, &g1);
             g[t] = actf(g0, act);
@@ -442,12 +450,11 @@ static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *w, 
     } else {
         for (int t = 0; t < n; t++) live[m++] = js[t];
     }
-    for (int t = 0; t < 2 && t < m; t++) prefetch_span(w + live[t] * ld_w, ld_w);   /* the group's first rows */
     int k = 0;
     for (int t = 0; t < m; t += 2) {                     /* up rows of the survivors, in pairs */
         const int t1 = t + 1 < m ? t + 1 : t;
-        for (int t4 = t + 2; t4 < t + 4 && t4 < m; t4++)
-            if (live[t4] != live[t4 - 1] + 1) prefetch_span(w + live[t4] * ld_w, ld_w);
+        if (t == 0) prefetch_rows_ahead(w, ld_w, live, 0, m);
+        prefetch_rows_ahead(w, ld_w, live, t + 2, m);
         float u[2];
         dot2(w + live[t] * ld_w, w + live[t1] * ld_w, fmt_gu, nb, xq, &u[0], &u[1]);
         for (int e = 0; e < (t1 > t ? 2 : 1); e++) {
