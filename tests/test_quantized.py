@@ -98,11 +98,39 @@ def test_matrix_vector_kernel_equals_its_reference(isa: str, fmt: str, rows: int
     assert qk.qlinear(x.view(rows, 1, k), w).shape == (rows, 1, n)
 
 
-def _neurons(fmt_gu: str, fmt_down: str, d: int = 64, n: int = 53, gated: bool = True) -> tuple[qk.QNeurons, dict]:
+def _neurons(fmt_gu: str, fmt_down: str, d: int = 64, n: int = 53, gated: bool = True,
+             down_t: bool = False) -> tuple[qk.QNeurons, dict]:
     mats = {name: rng.standard_normal((n, d)).astype(np.float32) for name in ("gate", "up", "down")}
-    raw = np.concatenate([quantize(mats["up"], fmt_gu), quantize(mats["down"], fmt_down)], axis=1)
-    q = qk.QNeurons(raw, quantize(mats["gate"], fmt_gu) if gated else None, fmt_gu, fmt_down, d)
+
+    def matrix(name: str, fmt: str) -> qk.QMatrix:
+        return qk.QMatrix(quantize(mats[name], fmt), fmt, d)
+    q = qk.QNeurons(matrix("up", fmt_gu), matrix("down", fmt_down), matrix("gate", fmt_gu) if gated else None,
+                    qk.QMatrix(quantize(np.ascontiguousarray(mats["down"].T), fmt_down), fmt_down, n) if down_t else None)
     return q, q.matrices(np.arange(n))
+
+
+@pytest.mark.parametrize(("fmt_gu", "fmt_down"), [("q8_0", "q8_0"), ("q4_1", "q8_0")])
+@pytest.mark.parametrize("rows", [1, 2, 6])
+@pytest.mark.parametrize("gated", [True, False])
+def test_dense_ffn_through_w_down_equals_its_reference(isa: str, fmt_gu: str, fmt_down: str, rows: int,
+                                                        gated: bool) -> None:
+    """Every neuron, no mask, no threshold, and W_down as it is: a = act(gate) * up of every neuron, rounded to
+    8-bit blocks, times W_down (one matrix-vector product); the down rows are not read."""
+    q, m = _neurons(fmt_gu, fmt_down, n=96, gated=gated, down_t=True)
+    x = torch.randn(rows, q.d)
+    xr = x_reference(x)
+    up = xr @ m["up"].T
+    a = torch.nn.functional.silu(xr @ m["gate"].T) * up if gated else torch.nn.functional.silu(up)   # [rows, n]
+    want = x_reference(a) @ m["down"]
+    for threads in (1, 2, 3):
+        y, used = qk.qffn(x, q, None, "silu", threads)
+        assert close(y, want, rel=2e-3) and used == a.numel()
+    rows_path, _ = qk.qffn(x, q, torch.arange(q.num_neurons), "silu", 2)      # the down rows: the same sum
+    assert close(rows_path, a @ q.down.dequantize()) and close(y, rows_path, rel=2e-2)
+    assert torch.equal(m["down"], q.down_t.dequantize().T)        # the float form: W_down's own blocks
+    assert torch.equal(qk.qffn(x, q, None, "silu", 2, tau_a=0.0)[0], rows_path)     # a threshold reads the rows
+    with pytest.raises(ValueError, match="shape"):
+        qk.QNeurons(q.up, q.down, q.gate, q.up)
 
 
 @pytest.mark.parametrize(("fmt_gu", "fmt_down"), [("q8_0", "q8_0"), ("q4_1", "q8_0"), ("q4_1", "q4_1")])
@@ -221,12 +249,16 @@ def test_container_round_trips_the_float_checkpoint(quant_dir: Path, weights: st
                           atol=0.02 * ckpt.get("model.layers.2.mlp.down_proj.weight", torch.float32).abs().max())
     assert q.neurons(0, cfg).num_neurons == cfg.intermediate_size
     layer = q.neurons(2, cfg)
+    want_t = ckpt.get("model.layers.2.mlp.down_proj.weight", torch.float32)        # W_down as it is: [d, n_ff]
+    assert layer.down_t is not None and (layer.down_t.dequantize() - want_t).abs().max() < 0.02 * want_t.abs().max()
     own = layer.subset(rows)                                           # a shard's copy of its rows
-    before = layer.data.copy()
-    q.release([layer.data, layer.gate])                                # the mapped pages dropped...
-    assert np.array_equal(layer.data, before) and np.array_equal(own.data, before[rows])   # ...never the bytes
+    assert own.down_t is None and own.num_neurons == len(rows)
+    before = [a.copy() for a in layer.arrays()]
+    q.release(layer.arrays())                                          # the mapped pages dropped...
+    assert all(np.array_equal(a, b) for a, b in zip(layer.arrays(), before))          # ...never the bytes
+    assert all(np.array_equal(a, b[rows]) for a, b in zip(own.arrays(), before))
     with pytest.raises(ValueError, match="views of this weights file"):
-        q.release([own.data])
+        q.release(own.arrays())
 
 
 def test_bad_and_truncated_weight_files_give_a_clear_error(quant_dir: Path, tmp_path: Path) -> None:
@@ -253,7 +285,8 @@ def test_bad_and_truncated_weight_files_give_a_clear_error(quant_dir: Path, tmp_
 @pytest.mark.parametrize("weights", ["q8", "q4"])
 def test_quantized_engine_equals_its_dequantized_twin_and_tracks_fp32(quant_dir: Path, weights: str) -> None:
     """The kernels against the same quantized weights computed in float (the GPU executor's form on CUDA): they
-    differ only by the 8-bit activations; against fp32 q8 stays close (random weights are hard on 4 bits)."""
+    differ only by the 8-bit activations (x before every matrix, and the FFN's a before W_down); against fp32
+    q8 stays close (random weights are hard on 4 bits)."""
     from runtime.core.runners import SparseRunner
     from runtime.model.transformer import KVCache, StepInput
     from runtime.model.weights import load_transformer
@@ -270,7 +303,7 @@ def test_quantized_engine_equals_its_dequantized_twin_and_tracks_fp32(quant_dir:
         ids = quant.tokenizer.encode(p)
         ref = twin.forward(torch.tensor([ids]), StepInput.build([0], len(ids), [0]), KVCache(cfg, 1, 64, torch.float32))[0]
         ours = quant.prompt_logits(p)
-        assert torch.isfinite(ours).all() and (ours - ref).abs().max() < 0.05 * ref.abs().max()
+        assert torch.isfinite(ours).all() and (ours - ref).abs().max() < 0.1 * ref.abs().max()
         if weights == "q8":
             assert (ours - fp32.prompt_logits(p)).abs().max() < 0.15 * ref.abs().max()
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -282,23 +315,34 @@ def test_quantized_engine_equals_its_dequantized_twin_and_tracks_fp32(quant_dir:
 def test_quantized_sparse_shard_with_every_neuron_equals_dense(quant_dir: Path, weights: str) -> None:
     cfg = ModelConfig.load(quant_dir)
     every = [np.arange(cfg.intermediate_size)] * cfg.num_hidden_layers
+    """Every neuron through the down rows: an all-ones predictor mask changes nothing (bitwise), and shards of
+    some neurons (which add down rows) sum to the same; the dense pass through W_down as it is agrees with them up
+    to the 8-bit rounding of the activations a and W_down's other blocking."""
+    cfg = ModelConfig.load(quant_dir)
+    every = [np.arange(cfg.intermediate_size)] * cfg.num_hidden_layers
     dense = FFNShard.load(quant_dir, every, torch.float32, weights=weights)
     pred = FFNShard.load(quant_dir, every, torch.float32, mode="predictor", weights=weights)
     x = torch.randn(4, cfg.hidden_size)
     ones = torch.ones(4, cfg.intermediate_size, dtype=torch.bool)
-    assert torch.equal(pred.partial(1, x, mask=ones), dense.partial(1, x))
+    layer = open_quantized(quant_dir, weights).neurons(1, cfg)
+    rows, _ = qk.qffn(x, layer, torch.arange(cfg.intermediate_size), cfg.hidden_act, 1)
+    assert torch.equal(pred.partial(1, x, mask=ones), rows)
     half = [np.arange(0, cfg.intermediate_size, 2)] * cfg.num_hidden_layers
     other = [np.arange(1, cfg.intermediate_size, 2)] * cfg.num_hidden_layers
     split = FFNShard.load(quant_dir, half, torch.float32, weights=weights).partial(1, x) + \
         FFNShard.load(quant_dir, other, torch.float32, weights=weights).partial(1, x)
-    assert close(split, dense.partial(1, x), 1e-5)
-    assert dense.nbytes() == cfg.num_hidden_layers * open_quantized(quant_dir, weights).neurons(0, cfg).nbytes()
+    assert close(split, rows, 1e-5)
+    assert close(dense.partial(1, x), rows, 3e-2)
+    assert dense.nbytes() == cfg.num_hidden_layers * layer.nbytes()
 
 
-def _same_up_to_activation_rounding(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _same_up_to_rounding(a: torch.Tensor, b: torch.Tensor, rel: float = 0.03) -> bool:
     """Two sums of the same partials in another order feed the next layer's 8-bit activation rounding, which can
-    move an element by one step: quantized splits agree to that, not bit for bit."""
-    return (a - b).abs().max().item() < 0.03 * b.abs().max().item() and a.argmax() == b.argmax()
+    move an element by one step: quantized splits agree to that, not bit for bit; the top token too, unless b's
+    two best logits are closer than twice the difference."""
+    err = (a - b).abs().max().item()
+    top2 = b.flatten().topk(2).values
+    return err < rel * b.abs().max().item() and (a.argmax() == b.argmax() or (top2[0] - top2[1]).item() < 2 * err)
 
 
 @pytest.mark.parametrize(("weights", "hot_fraction"), [("q8", 0.5), ("q4", 0.3), ("q8", 1.0), ("q4", 0.0)])
@@ -309,7 +353,9 @@ def test_executors_on_quantized_weights_equal_the_in_process_engine(quant_dir: P
     executors.append(ex)
     for p in PROMPTS:
         ours, want = ex.gpu.prompt_logits(p), local.prompt_logits(p)
-        assert torch.equal(ours, want) if hot_fraction in (0.0, 1.0) else _same_up_to_activation_rounding(ours, want)
+        # A split's shards add down rows (W_down's columns, blocked along d); the in-process dense pass computes with
+        # W_down as it is (blocked along the neurons, a rounded to 8 bits): the same weights rounded two ways.
+        assert torch.equal(ours, want) if hot_fraction in (0.0, 1.0) else _same_up_to_rounding(ours, want, 0.06)
     greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     if hot_fraction in (0.0, 1.0):                        # one side computes every neuron, in the same order
         assert [o.token_ids for o in ex.gpu.generate(PROMPTS, [greedy] * 3)] == \
@@ -325,7 +371,7 @@ def test_threshold_modes_on_quantized_weights_hybrid_tracks_in_process(calibrate
     ex = Executors(calibrated_tiny, hot_fraction=0.4, **gate)
     executors.append(ex)
     for p in PROMPTS:
-        assert _same_up_to_activation_rounding(ex.gpu.prompt_logits(p), local.prompt_logits(p))
+        assert _same_up_to_rounding(ex.gpu.prompt_logits(p), local.prompt_logits(p))
     local.prompt_logits(PROMPTS[2])
     assert 0.3 < local.achieved_sparsity(reset=True) < 0.7
     local.shutdown()

@@ -65,7 +65,9 @@ class FFNShard:
         if self.quantized is not None:
             if [q.num_neurons for q in self.quantized] != [len(n) for n in self.neurons]:
                 raise ValueError("quantized layers must hold exactly the shard's neurons, in order")
-            self._local = [torch.arange(len(n)) for n in self.neurons]
+            # Local row ids; None for a layer of every neuron with W_down as it is (a dense pass reads that).
+            self._local = [None if q.down_t is not None else torch.arange(len(n))
+                           for q, n in zip(self.quantized, self.neurons)]
         if mode in ("gate", "down") and thresholds is None:
             raise ValueError(f"{mode} mode needs its per-layer thresholds")
         self.tau = None if thresholds is None else [float(t) for t in thresholds]
@@ -93,7 +95,7 @@ class FFNShard:
                         own.append(q_l)
                     else:
                         own.append(q_l.subset(np.asarray(idx)))
-                        q.release([q_l.data, q_l.gate])
+                        q.release(q_l.arrays())
                 return cls(cfg, neurons, mode, own, thresholds, num_threads)
 
             def rows_of(layer: int, idx: np.ndarray) -> dict[str, torch.Tensor]:     # [n, d] each

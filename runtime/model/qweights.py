@@ -2,10 +2,12 @@
 
 A plain safetensors file (no pickle), tensors stored as uint8 block rows (``qformat``) plus the small fp32
 tensors (norms, biases). Per layer: ``model.layers.<i>.self_attn.qkv`` (q, k, v rows stacked),
-``...self_attn.o``, ``...mlp.neurons``: the FFN neuron-major, row j = [up_j][down_j], where down_j is
-column j of W_down re-quantized (its GGUF blocks run along the neuron axis), and ``...mlp.gate`` (gated FFNs):
-the gate rows, contiguous, so that gate mode's dense gate pass streams them. ``lm_head`` (the
-embedding too when tied) and ``embed`` (untied). The header's metadata names each tensor's block format
+``...self_attn.o``, and the FFN neuron-major, three matrices whose row j belongs to neuron j: ``...mlp.gate``
+(gated FFNs), ``...mlp.up`` and ``...mlp.down`` (down_j = column j of W_down, re-quantized: its GGUF blocks
+run along the neuron axis); each streams contiguously, and the sparse modes pick rows of each. Plus
+``...mlp.down_t``: W_down as it is (the GGUF's own blocks), which a dense pass over every neuron reads as a
+matrix-vector product (cheaper than adding down rows). ``lm_head`` (the embedding too when tied) and
+``embed`` (untied). The header's metadata names each tensor's block format
 and which tensors kept the GGUF's own blocks. Files are memory-mapped, never read whole.
 
 Formats: ``q8`` = every matrix in Q8_0; ``q4`` = attention, FFN gate and up in Q4_1, the FFN down rows and the
@@ -28,12 +30,13 @@ import torch
 from runtime.model.checkpoint import Checkpoint
 from runtime.model.config import ModelConfig
 from runtime.model.kernels.quantized import QMatrix, QNeurons
-from runtime.model.qformat import exact_blocks, quantize
+from runtime.model.qformat import QK, exact_blocks, quantize
 from runtime.paths import QUANTIZED_PREFIX
 
 logger = logging.getLogger(__name__)
 
 QUANTIZED_FORMATS = ("q8", "q4")
+LAYOUT = 2          # 2: the FFN's gate, up and down rows as three matrices, plus W_down as it is (down_t)
 # role -> block format, per weights format
 POLICY = {
     "q8": {"attn": "q8_0", "ffn": "q8_0", "ffn_down": "q8_0", "head": "q8_0"},
@@ -46,6 +49,10 @@ TensorFn = Callable[[str], tuple[np.ndarray, np.ndarray | None, str | None]]
 
 class WeightsFileError(ValueError):
     """A quantized weights file is missing, truncated or not what its header says."""
+
+
+class StaleWeightsError(WeightsFileError):
+    """A quantized weights file of an older layout (rebuilt when its float checkpoint is at hand)."""
 
 
 def weights_path(model_dir: str | Path, weights: str) -> Path:
@@ -65,7 +72,7 @@ def write_quantized(path: Path, cfg: ModelConfig, weights: str, get: TensorFn, h
     def blocks(name: str, fmt: str, transpose: bool = False) -> np.ndarray:
         values, raw, kind = get(name)
         if transpose:                                   # W_down columns: blocks must run along d
-            values, raw = np.ascontiguousarray(values.T), None
+            values, raw, name = np.ascontiguousarray(values.T), None, name + ".T"
         kept = None if raw is None else exact_blocks(raw, values, kind, fmt)
         exact[name] = kept is not None
         return kept if kept is not None else quantize(values, fmt)
@@ -76,10 +83,12 @@ def write_quantized(path: Path, cfg: ModelConfig, weights: str, get: TensorFn, h
         out[a + "qkv"] = np.concatenate([blocks(a + f"{n}_proj.weight", policy["attn"]) for n in "qkv"])
         out[a + "o"] = blocks(a + "o_proj.weight", policy["attn"])
         formats[a + "qkv"] = formats[a + "o"] = policy["attn"]
-        out[m + "neurons"] = np.concatenate([blocks(m + "up_proj.weight", policy["ffn"]),
-                                             blocks(m + "down_proj.weight", policy["ffn_down"], True)], axis=1)
+        out[m + "up"] = blocks(m + "up_proj.weight", policy["ffn"])
+        out[m + "down"] = blocks(m + "down_proj.weight", policy["ffn_down"], True)
         if cfg.is_gated_ffn:
             out[m + "gate"] = blocks(m + "gate_proj.weight", policy["ffn"])
+        if cfg.intermediate_size % QK == 0:
+            out[m + "down_t"] = blocks(m + "down_proj.weight", policy["ffn_down"])
         for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
             out[p + name] = get(p + name)[0].astype(np.float32)
         if cfg.attention_bias:
@@ -91,7 +100,7 @@ def write_quantized(path: Path, cfg: ModelConfig, weights: str, get: TensorFn, h
     if not tied:
         out["embed"] = blocks("model.embed_tokens.weight", policy["head"])
         formats["embed"] = policy["head"]
-    meta = {"pinfer_weights": weights, "formats": json.dumps(formats), "ffn_formats": json.dumps(
+    meta = {"pinfer_weights": weights, "layout": str(LAYOUT), "formats": json.dumps(formats), "ffn_formats": json.dumps(
         [policy["ffn"], policy["ffn_down"]]), "exact": json.dumps(exact), "source": source}
     tmp = path.with_suffix(f".{os.getpid()}.partial")
     save_file(out, str(tmp), metadata=meta)
@@ -130,6 +139,9 @@ class QuantizedCheckpoint:
         meta = header.pop("__metadata__", {}) or {}
         if "pinfer_weights" not in meta:
             raise WeightsFileError(f"{path}: no pinfer_weights metadata: not a pinfer quantized weights file")
+        if meta.get("layout") != str(LAYOUT):
+            raise StaleWeightsError(f"{path}: written in an older layout ({meta.get('layout', 1)}, now {LAYOUT}); "
+                                    "delete it to rebuild it")
         self.weights = meta["pinfer_weights"]
         self.formats: dict[str, str] = json.loads(meta["formats"])
         self.ffn_formats: list[str] = json.loads(meta["ffn_formats"])
@@ -179,8 +191,11 @@ class QuantizedCheckpoint:
 
     def neurons(self, layer: int, cfg: ModelConfig) -> QNeurons:
         m = f"model.layers.{layer}.mlp."
-        return QNeurons(self._get(m + "neurons"), self._get(m + "gate") if cfg.is_gated_ffn else None,
-                        self.ffn_formats[0], self.ffn_formats[1], cfg.hidden_size)
+        fmt_gu, fmt_down, d = *self.ffn_formats, cfg.hidden_size
+        return QNeurons(QMatrix(self._get(m + "up"), fmt_gu, d), QMatrix(self._get(m + "down"), fmt_down, d),
+                        QMatrix(self._get(m + "gate"), fmt_gu, d) if cfg.is_gated_ffn else None,
+                        QMatrix(self._get(m + "down_t"), fmt_down, cfg.intermediate_size) if m + "down_t" in self
+                        else None)
 
     def floats(self, name: str) -> torch.Tensor:
         return torch.from_numpy(np.array(self._get(name)))      # small: copied out of the map
@@ -192,9 +207,13 @@ def open_quantized(model_dir: str | Path, weights: str) -> QuantizedCheckpoint:
     if weights not in QUANTIZED_FORMATS:
         raise ValueError(f"quantized weights must be one of {QUANTIZED_FORMATS}, got {weights!r}")
     path = weights_path(model_dir, weights)
-    if not path.is_file():
-        logger.info("quantizing %s to %s (first use only)", model_dir, weights)
-        quantize_checkpoint(Path(model_dir), weights)
+    if path.is_file():
+        try:
+            return QuantizedCheckpoint(path)
+        except StaleWeightsError as e:
+            logger.info("%s: rebuilding", e)
+    logger.info("quantizing %s to %s (first use only)", model_dir, weights)
+    quantize_checkpoint(Path(model_dir), weights)
     return QuantizedCheckpoint(path)
 
 
@@ -205,4 +224,4 @@ def bytes_per_token(model_dir: str | Path, weights: str) -> int:
         names = [n for n in ckpt.names() if not (n == "model.embed_tokens.weight" and "lm_head.weight" in ckpt)]
         return sum(ckpt.nbytes(n) for n in names)
     q = open_quantized(model_dir, weights)
-    return sum(q.nbytes(name) for name in q.names() if name != "embed")
+    return sum(q.nbytes(name) for name in q.names() if name != "embed" and not name.endswith(".down_t"))

@@ -20,7 +20,7 @@ from runtime.paths import CONFIG_DIR, cache_dir
 
 logger = logging.getLogger(__name__)
 
-CONVERTED_FORMAT = 3          # bump when the converted layout changes, to re-convert caches
+CONVERTED_FORMAT = 4          # bump when the converted layout changes, to re-convert caches
 
 
 @dataclass(slots=True, frozen=True)

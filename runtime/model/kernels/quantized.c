@@ -13,8 +13,8 @@
  * (tests compare them). Activation quantization is shared scalar code, so the paths differ only in the
  * order of float sums.
  *
- * FFN neurons are neuron-major: neuron j's bytes are [up row][down row], each d/32 blocks, and gated FFNs
- * keep their gate rows as a matrix of their own; gate/up share one format and down has its own. y_r += a_j(x_r) * down_j over the
+ * FFN neurons are neuron-major: row j of the gate, up and down matrices (each d/32 blocks; down_j = column j of
+ * W_down) belong to neuron j; gate/up share one format and down has its own. y_r += a_j(x_r) * down_j over the
  * listed neurons; threads split the list and each sums into its own buffer, reduced at the end.
  */
 #include <math.h>
@@ -414,10 +414,11 @@ static void axpy_group(const uint8_t *const *down, const float *a, int n, int fm
 }
 
 /* Prefetch rows ids[t] (t in [from, from + 2), < n) of a matrix whose rows are ld bytes apart, skipping rows
- * that follow the one before (the hardware prefetchers stream those). */
-static inline void prefetch_rows_ahead(const uint8_t *base, int64_t ld, const int64_t *ids, int from, int n) {
+ * that follow the one before in memory (the hardware prefetchers stream those). */
+static inline void prefetch_rows_ahead(const uint8_t *base, int64_t ld, int64_t row_bytes, const int64_t *ids,
+                                       int from, int n) {
     for (int t = from; t < from + 2 && t < n; t++)
-        if (t == 0 || ids[t] != ids[t - 1] + 1) prefetch_span(base + ids[t] * ld, ld);
+        if (t == 0 || ids[t] != ids[t - 1] + 1 || ld != row_bytes) prefetch_span(base + ids[t] * ld, row_bytes);
 }
 
 /* Whether neuron activation passes a threshold: tau < 0 is "no threshold". */
@@ -428,10 +429,10 @@ static inline int above(float v, float tau) { return tau < 0.f || fabsf(v) > tau
  * Rows are read two at a time (two independent dot products) and the next rows are prefetched where they
  * do not follow the previous one: neurons a threshold picks are scattered, and the hardware prefetchers
  * cannot guess them (consecutive rows they stream on their own). */
-static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *w, int64_t ld_w, const uint8_t *wg,
-                                int64_t ld_g, int fmt_gu, int fmt_down, const int64_t *js, int n, int act,
-                                float tau_gate, float tau_a, float *y) {
-    const int64_t down_off = nb * pinfer_block_bytes(fmt_gu);
+static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *wu, int64_t ld_u, const uint8_t *wd,
+                                int64_t ld_d, const uint8_t *wg, int64_t ld_g, int fmt_gu, int fmt_down,
+                                const int64_t *js, int n, int act, float tau_gate, float tau_a, float *y) {
+    const int64_t gu_bytes = nb * pinfer_block_bytes(fmt_gu), down_bytes = nb * pinfer_block_bytes(fmt_down);
     int64_t live[GROUP];
     float g[GROUP], a[GROUP];
     const uint8_t *down[GROUP];
@@ -439,7 +440,7 @@ static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *w, 
     if (wg) {                                            /* gates, in pairs; survivors kept with act(gate) */
         for (int t = 0; t < n; t += 2) {
             const int t1 = t + 1 < n ? t + 1 : t;
-            prefetch_rows_ahead(wg, ld_g, js, t + 2, n);
+            prefetch_rows_ahead(wg, ld_g, gu_bytes, js, t + 2, n);
             float g0, g1;
             dot2(wg + js[t] * ld_g, wg + js[t1] * ld_g, fmt_gu, nb, xq, &g0, &g1);
             g[t] = actf(g0, act);
@@ -453,13 +454,17 @@ static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *w, 
     int k = 0;
     for (int t = 0; t < m; t += 2) {                     /* up rows of the survivors, in pairs */
         const int t1 = t + 1 < m ? t + 1 : t;
-        if (t == 0) prefetch_rows_ahead(w, ld_w, live, 0, m);
-        prefetch_rows_ahead(w, ld_w, live, t + 2, m);
+        if (t == 0) prefetch_rows_ahead(wu, ld_u, gu_bytes, live, 0, m);
+        prefetch_rows_ahead(wu, ld_u, gu_bytes, live, t + 2, m);
         float u[2];
-        dot2(w + live[t] * ld_w, w + live[t1] * ld_w, fmt_gu, nb, xq, &u[0], &u[1]);
+        dot2(wu + live[t] * ld_u, wu + live[t1] * ld_u, fmt_gu, nb, xq, &u[0], &u[1]);
         for (int e = 0; e < (t1 > t ? 2 : 1); e++) {
             const float av = wg ? g[t + e] * u[e] : actf(u[e], act);
-            if (above(av, tau_a)) { a[k] = av; down[k++] = w + live[t + e] * ld_w + down_off; }
+            if (!above(av, tau_a)) continue;
+            const int64_t j = live[t + e];
+            down[k] = wd + j * ld_d;
+            prefetch_span(down[k], down_bytes);
+            a[k++] = av;
         }
     }
     axpy_group(down, a, k, fmt_down, nb, y);
@@ -467,18 +472,17 @@ static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *w, 
 }
 
 /* Neuron-sparse FFN: y [n_rows, d] = sum over the listed neurons j that a row needs of a_j(x_r) * down_j.
- * w: neurons ld_w bytes apart, each [up][down]; wg: the gate rows, ld_g bytes apart (NULL: not gated);
+ * wu, wd, wg: the up, down and gate rows of the neurons (rows ld_u, ld_d, ld_g bytes apart; wg NULL: not gated);
  * idx [k] neuron ids. Which neurons a row needs: row_mask [n_rows, ld_mask] (optional; the predictor's:
  * row r uses idx[jj] only where row_mask[r, jj]), then |act(gate)| > tau_gate (gate mode, CATS) and
  * |a_j| > tau_a (down rows only of the large activations); a negative tau is no threshold. A batch reads a
  * neuron's rows once for every row of a tile that needs it. *n_used (optional) receives the number of
  * (row, neuron) pairs whose down row was applied. Returns 0, or -1 when a per-thread buffer cannot be
  * allocated. */
-int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *w, int64_t ld_w, const uint8_t *wg,
-                int64_t ld_g, int fmt_gu, int fmt_down, const int64_t *idx, int64_t k, const uint8_t *row_mask,
+int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *wu, int64_t ld_u, const uint8_t *wd,
+                int64_t ld_d, const uint8_t *wg, int64_t ld_g, int fmt_gu, int fmt_down, const int64_t *idx, int64_t k, const uint8_t *row_mask,
                 int64_t ld_mask, float tau_gate, float tau_a, int act, float *y, int64_t *n_used, int n_threads) {
     const int64_t nb = d / QK, nd = (int64_t)n_rows * d;
-    const int64_t down_off = nb * pinfer_block_bytes(fmt_gu);
     memset(y, 0, nd * sizeof(float));
     const int T = clamp_threads(n_threads, k, 16);
     float *part = T > 1 ? calloc((size_t)(T - 1) * nd, sizeof(float)) : NULL;
@@ -496,12 +500,12 @@ int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *w, int64
                 int n = 0;
                 for (int64_t jj = g0; jj < hi && jj < g0 + GROUP; jj++)
                     if (!row_mask || row_mask[jj]) js[n++] = idx[jj];
-                used += ffn_group_decode(xq, nb, w, ld_w, wg, ld_g, fmt_gu, fmt_down, js, n, act, tau_gate, tau_a, yt);
+                used += ffn_group_decode(xq, nb, wu, ld_u, wd, ld_d, wg, ld_g, fmt_gu, fmt_down, js, n, act, tau_gate,
+                                         tau_a, yt);
             }
         } else
 #pragma omp for schedule(static)
         for (int64_t jj = 0; jj < k; jj++) {
-            const uint8_t *nrn = w + idx[jj] * ld_w;
             for (int r0 = 0; r0 < n_rows; r0 += TILE) {
                 const int nr = n_rows - r0 < TILE ? n_rows - r0 : TILE;
                 const XBlock *xs[TILE];
@@ -523,11 +527,11 @@ int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *w, int64
                     }
                     if (!any) continue;
                 }
-                dot_rows(nrn, fmt_gu, nb, xs, nr, u);
+                dot_rows(wu + idx[jj] * ld_u, fmt_gu, nb, xs, nr, u);
                 for (int r = 0; r < nr; r++) {
                     const float a = wg ? g[r] * u[r] : actf(u[r], act);
                     if (!need[r] || !above(a, tau_a)) continue;
-                    axpy_row(nrn + down_off, fmt_down, nb, a, yt + (int64_t)(r0 + r) * d);
+                    axpy_row(wd + idx[jj] * ld_d, fmt_down, nb, a, yt + (int64_t)(r0 + r) * d);
                     used++;
                 }
             }
@@ -540,6 +544,33 @@ int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *w, int64
     free(part);
     if (n_used) *n_used = used;
     return 0;
+}
+
+/* Every neuron, densely: a [n_rows, n_ff] = act(W_gate x) * (W_up x) (ungated: act(W_up x)), rounded to 8-bit
+ * blocks, then y = W_down a with W_down [d, n_ff] as it is (rows of n_ff inputs, ld_dt bytes apart): one
+ * matrix-vector product instead of n_ff down-row additions (a dot product of a block costs ~2/3 of an axpy of
+ * it). n_ff % 32 == 0. Returns 0, or -1 when the activation buffers cannot be allocated. */
+int pinfer_ffn_dense(const XBlock *xq, int n_rows, int64_t d, const uint8_t *wu, int64_t ld_u, const uint8_t *wg,
+                     int64_t ld_g, int fmt_gu, const uint8_t *wdt, int64_t ld_dt, int fmt_dt, int64_t n_ff, int act,
+                     float *y, int n_threads) {
+    const int64_t na = (int64_t)n_rows * n_ff;
+    float *u = malloc(sizeof(float) * na), *g = wg ? malloc(sizeof(float) * na) : NULL;
+    XBlock *aq = malloc(sizeof(XBlock) * (na / QK));
+    int rc = 0;
+    if (!u || (wg && !g) || !aq) { rc = -1; goto done; }
+    pinfer_gemv(wu, fmt_gu, ld_u, d, NULL, n_ff, xq, n_rows, u, n_ff, n_threads);
+    if (wg) pinfer_gemv(wg, fmt_gu, ld_g, d, NULL, n_ff, xq, n_rows, g, n_ff, n_threads);
+    const int T = clamp_threads(n_threads, na / QK, 8);
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+    for (int64_t b = 0; b < na / QK; b++) {
+        float *ub = u + b * QK;
+        for (int i = 0; i < QK; i++) ub[i] = wg ? actf(g[b * QK + i], act) * ub[i] : actf(ub[i], act);
+        pinfer_quantize_x(ub, 1, QK, aq + b);
+    }
+    pinfer_gemv(wdt, fmt_dt, ld_dt, n_ff, NULL, d, aq, n_rows, y, d, n_threads);
+done:
+    free(u), free(g), free(aq);
+    return rc;
 }
 
 /* ---- one decode step's attention block, fused ------------------------------------------------------ */

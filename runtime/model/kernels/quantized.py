@@ -28,7 +28,9 @@ _SIGNATURES = {
     "pinfer_quantize_x": (None, [_P, _I64, _I64, _P]),
     "pinfer_dequantize_rows": (None, [_P, _I, _I64, _I64, _P, _I64, _P]),
     "pinfer_gemv": (None, [_P, _I, _I64, _I64, _P, _I64, _P, _I, _P, _I64, _I]),
-    "pinfer_qffn": (_I, [_P, _I, _I64, _P, _I64, _P, _I64, _I, _I, _P, _I64, _P, _I64, _F, _F, _I, _P, _P, _I]),
+    "pinfer_qffn": (_I, [_P, _I, _I64, _P, _I64, _P, _I64, _P, _I64, _I, _I, _P, _I64, _P, _I64, _F, _F, _I, _P, _P,
+                         _I]),
+    "pinfer_ffn_dense": (_I, [_P, _I, _I64, _P, _I64, _P, _I64, _I, _P, _I64, _I, _I64, _I, _P, _I]),
     "pinfer_attn_decode": (_I, [_P, _P, _I, _I64, _P, _P, _F, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _I64,
                                 _P, _P, _I]),
 }
@@ -63,18 +65,24 @@ def set_isa(name: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class QMatrix:
-    """Rows [n, k/32 blocks] of one format: y = x @ W.T for x [..., k]."""
+    """Rows [n, k/32 blocks] of one format: y = x @ W.T for x [..., k]. Rows are contiguous bytes, ``ld`` bytes
+    apart (a view of some columns of a wider array works too)."""
 
     data: np.ndarray          # uint8 [n, row_bytes(fmt, k)]
     fmt: str
     k: int
     ptr: int = field(init=False, repr=False, compare=False)      # data's address, taken once for the kernels
+    ld: int = field(init=False, repr=False, compare=False)       # bytes from one row to the next
 
     def __post_init__(self) -> None:
         if self.data.dtype != np.uint8 or self.data.ndim != 2 or self.data.shape[1] != row_bytes(self.fmt, self.k):
             raise ValueError(f"{self.fmt} matrix of {self.k} inputs needs uint8 rows of "
                              f"{row_bytes(self.fmt, self.k)} bytes, got {self.data.dtype} {self.data.shape}")
-        object.__setattr__(self, "ptr", _address(self.data))
+        n, row = self.data.shape
+        if n > 0 and ((row > 1 and self.data.strides[1] != 1) or (n > 1 and self.data.strides[0] < row)):
+            raise ValueError("quantized rows must each be contiguous bytes")
+        object.__setattr__(self, "ptr", self.data.ctypes.data)
+        object.__setattr__(self, "ld", self.data.strides[0] if n > 1 else row)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -92,29 +100,26 @@ class QMatrix:
 
 @dataclass(frozen=True, slots=True)
 class QNeurons:
-    """One layer's FFN, neuron-major: row j = [up_j][down_j] (down_j = column j of W_down), and for gated FFNs
-    the gate rows as their own matrix (gate mode computes every gate: a contiguous matrix streams at full
-    speed, where gate rows strided between up/down rows read at half of it)."""
+    """One layer's FFN, neuron-major: row j of ``up``, ``down`` (down_j = column j of W_down) and, for gated
+    FFNs, ``gate`` belongs to neuron j. Three matrices, each streamed on its own: a dense pass reads each
+    contiguously (rows of one matrix strided between another's read at about half speed), and gate mode
+    reads every gate row but only the passing neurons' up and down rows. ``down_t`` (optional) is W_down as it
+    is, [d, n_ff]: a pass over every neuron reads it as one matrix-vector product of the activations instead of
+    adding n_ff down rows (a dot product of 32 weights costs ~2/3 of an axpy of them)."""
 
-    data: np.ndarray          # uint8 [n_ff, row_bytes(fmt_gu, d) + row_bytes(fmt_down, d)]
-    gate: np.ndarray | None   # uint8 [n_ff, row_bytes(fmt_gu, d)], None when not gated
-    fmt_gu: str
-    fmt_down: str
-    d: int
-    ptr: int = field(init=False, repr=False, compare=False)              # addresses of data and gate
-    gate_ptr: int | None = field(init=False, repr=False, compare=False)
+    up: QMatrix               # [n_ff, d]
+    down: QMatrix             # [n_ff, d]
+    gate: QMatrix | None      # [n_ff, d], None when not gated
+    down_t: QMatrix | None = None   # [d, n_ff]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ptr", _address(self.data))
-        object.__setattr__(self, "gate_ptr", None if self.gate is None else _address(self.gate))
-        want = row_bytes(self.fmt_gu, self.d) + row_bytes(self.fmt_down, self.d)
-        if self.data.dtype != np.uint8 or self.data.ndim != 2 or self.data.shape[1] != want:
-            raise ValueError(f"FFN neurons ({self.fmt_gu}/{self.fmt_down}, d={self.d}) need uint8 rows of "
-                             f"{want} bytes, got {self.data.dtype} {self.data.shape}")
-        if self.gate is not None:
-            QMatrix(self.gate, self.fmt_gu, self.d)                           # checks its shape
-            if self.gate.shape[0] != self.data.shape[0]:
-                raise ValueError(f"{self.gate.shape[0]} gate rows for {self.data.shape[0]} neurons")
+        mats = [m for m in (self.up, self.down, self.gate) if m is not None]
+        if len({m.shape for m in mats}) != 1:
+            raise ValueError(f"FFN matrices of different shapes: {[m.shape for m in mats]}")
+        if self.gate is not None and self.gate.fmt != self.up.fmt:
+            raise ValueError(f"gate ({self.gate.fmt}) and up ({self.up.fmt}) rows must share a block format")
+        if self.down_t is not None and self.down_t.shape != self.up.shape[::-1]:
+            raise ValueError(f"down_t of shape {self.down_t.shape} for {self.up.shape[0]} neurons of {self.up.k}")
 
     @property
     def gated(self) -> bool:
@@ -122,33 +127,33 @@ class QNeurons:
 
     @property
     def num_neurons(self) -> int:
-        return self.data.shape[0]
+        return self.up.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.up.k
 
     def nbytes(self, num: int | None = None) -> int:
-        per = self.data.shape[1] + (0 if self.gate is None else self.gate.shape[1])
+        """Bytes of ``num`` (all) neurons' rows, as one pass reads them."""
+        per = sum(m.data.shape[1] for m in (self.up, self.down, self.gate) if m is not None)
         return per * (self.num_neurons if num is None else num)
+
+    def arrays(self) -> list[np.ndarray]:
+        return [m.data for m in (self.up, self.down, self.gate, self.down_t) if m is not None]
 
     def subset(self, rows: np.ndarray) -> "QNeurons":
         """The given neurons' rows copied into memory of their own, in that order: a shard of scattered neurons
         streams them as consecutive rows (read where they lie, they cost ~20% more)."""
-        return QNeurons(np.ascontiguousarray(self.data[rows]),
-                        None if self.gate is None else np.ascontiguousarray(self.gate[rows]),
-                        self.fmt_gu, self.fmt_down, self.d)
+        def pick(m: QMatrix | None) -> QMatrix | None:
+            return None if m is None else QMatrix(np.ascontiguousarray(m.data[rows]), m.fmt, m.k)
+        return QNeurons(pick(self.up), pick(self.down), pick(self.gate))
 
     def matrices(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """The given neurons' rows dequantized: gate (gated FFNs), up, down, each fp32 [n, d]."""
-        raw, gu = self.data[rows], row_bytes(self.fmt_gu, self.d)
-        out = {} if self.gate is None else {"gate": torch.from_numpy(dequantize(self.gate[rows], self.fmt_gu, self.d))}
-        out["up"] = torch.from_numpy(dequantize(raw[:, :gu], self.fmt_gu, self.d))
-        out["down"] = torch.from_numpy(dequantize(raw[:, gu:], self.fmt_down, self.d))
+        """The given neurons' rows dequantized: gate (gated FFNs), up, down, each fp32 [n, d]; down from W_down as
+        it is where the layer has it (the blocks a dense pass computes with)."""
+        out = {name: m.dequantize(rows) for name, m in (("gate", self.gate), ("up", self.up)) if m is not None}
+        out["down"] = self.down.dequantize(rows) if self.down_t is None else self.down_t.dequantize().T[rows].contiguous()
         return out
-
-
-def _address(a: np.ndarray) -> int:
-    """The address of a C-contiguous array's first byte (the kernels take rows as consecutive bytes)."""
-    if not a.flags.c_contiguous:
-        raise ValueError("quantized rows must be C-contiguous")
-    return a.ctypes.data
 
 
 def quantize_x(x: torch.Tensor) -> torch.Tensor:
@@ -171,31 +176,41 @@ def qlinear(x: torch.Tensor, w: QMatrix, num_threads: int | None = None) -> torc
     rows = _rows(x, k)
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
     xq = quantize_x(rows)                                 # held: the kernel reads it
-    lib().pinfer_gemv(w.ptr, FORMAT_CODES[w.fmt], w.data.shape[1], k, None, n, xq.data_ptr(),
+    lib().pinfer_gemv(w.ptr, FORMAT_CODES[w.fmt], w.ld, k, None, n, xq.data_ptr(),
                       rows.shape[0], y.data_ptr(), n, num_threads or torch.get_num_threads())
     return y.view(*x.shape[:-1], n)
 
 
-def qffn(x: torch.Tensor, w: QNeurons, idx: torch.Tensor, act: str, num_threads: int,
+def qffn(x: torch.Tensor, w: QNeurons, idx: torch.Tensor | None, act: str, num_threads: int,
          row_mask: torch.Tensor | None = None, tau_gate: float | None = None, tau_a: float | None = None,
          out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """sum over neurons j in ``idx`` that row r needs of a_j(x_r) * down_j: x [N, d] -> [N, d] (into ``out``),
-    and the number of (row, neuron) pairs computed.
+    """sum over neurons j in ``idx`` (None: every neuron, in order) that row r needs of a_j(x_r) * down_j:
+    x [N, d] -> [N, d] (into ``out``), and the number of (row, neuron) pairs computed.
 
     Row r needs neuron idx[jj] where ``row_mask`` [N, len(idx)] (bool) holds, |act(gate_j)| > ``tau_gate`` (the
     gate rows are read first; up/down rows only of the neurons that pass) and |a_j| > ``tau_a`` (the down row only
-    of the large activations); None means no such condition.
+    of the large activations); None means no such condition. Every neuron with none of them, and ``w.down_t``:
+    the activations of all neurons, rounded to 8-bit blocks, times W_down as one matrix-vector product.
     """
-    rows, idx = _rows(x, w.d), idx.to(torch.int64).contiguous()
+    rows, g = _rows(x, w.d), w.gate
     y = out if out is not None else torch.empty(rows.shape[0], w.d, dtype=torch.float32)
-    m = None if row_mask is None else row_mask.to(torch.uint8).contiguous()
-    if tau_gate is not None and w.gate is None:
+    if tau_gate is not None and g is None:
         raise ValueError("a gate threshold needs a gated FFN")
-    used = ctypes.c_int64(0)
     xq = quantize_x(rows)
-    rc = lib().pinfer_qffn(xq.data_ptr(), rows.shape[0], w.d, w.ptr, w.data.shape[1],
-                           w.gate_ptr, 0 if w.gate is None else w.gate.shape[1],
-                           FORMAT_CODES[w.fmt_gu], FORMAT_CODES[w.fmt_down], idx.data_ptr(), idx.numel(),
+    gate_ptr, ld_g = (None, 0) if g is None else (g.ptr, g.ld)
+    if idx is None and w.down_t is not None and row_mask is None and tau_gate is None and tau_a is None:
+        dt = w.down_t
+        rc = lib().pinfer_ffn_dense(xq.data_ptr(), rows.shape[0], w.d, w.up.ptr, w.up.ld, gate_ptr, ld_g,
+                                    FORMAT_CODES[w.up.fmt], dt.ptr, dt.ld, FORMAT_CODES[dt.fmt], dt.k, ACT_CODES[act],
+                                    y.data_ptr(), num_threads)
+        if rc != 0:
+            raise MemoryError("quantized FFN kernel could not allocate its activation buffers")
+        return y, rows.shape[0] * w.num_neurons
+    idx = torch.arange(w.num_neurons) if idx is None else idx.to(torch.int64).contiguous()
+    m = None if row_mask is None else row_mask.to(torch.uint8).contiguous()
+    used = ctypes.c_int64(0)
+    rc = lib().pinfer_qffn(xq.data_ptr(), rows.shape[0], w.d, w.up.ptr, w.up.ld, w.down.ptr, w.down.ld, gate_ptr, ld_g,
+                           FORMAT_CODES[w.up.fmt], FORMAT_CODES[w.down.fmt], idx.data_ptr(), idx.numel(),
                            None if m is None else m.data_ptr(), 0 if m is None else m.stride(0),
                            -1.0 if tau_gate is None else tau_gate, -1.0 if tau_a is None else tau_a,
                            ACT_CODES[act], y.data_ptr(), ctypes.addressof(used), num_threads)
@@ -231,7 +246,7 @@ def embed_rows(w: QMatrix, tokens: torch.Tensor) -> torch.Tensor:
     if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < w.data.shape[0]:
         raise IndexError(f"token ids must be in [0, {w.data.shape[0]}), got {idx.min()}..{idx.max()}")
     out = torch.empty(idx.numel(), w.k, dtype=torch.float32)
-    lib().pinfer_dequantize_rows(w.ptr, FORMAT_CODES[w.fmt], w.data.shape[1], w.k, idx.data_ptr(),
+    lib().pinfer_dequantize_rows(w.ptr, FORMAT_CODES[w.fmt], w.ld, w.k, idx.data_ptr(),
                                  idx.numel(), out.data_ptr())
     return out.view(*tokens.shape, w.k)
 
