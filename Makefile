@@ -7,8 +7,8 @@ PROMPT ?= def fib(n):
 
 .PHONY: run test test-slow qwen bench bench-llamacpp llamacpp setup clean-cache
 
-run: $(STAMP)            ## generate with the default embedded model (4-bit weights: the fast path)
-	$(BIN)/pinfer generate --weights q4 "$(PROMPT)"
+run: $(STAMP)            ## generate with the default embedded model (8-bit weights, the default)
+	$(BIN)/pinfer generate "$(PROMPT)"
 
 test: $(STAMP)           ## the CI test suite (slow tests excluded)
 	$(BIN)/python -m pytest -q

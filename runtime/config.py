@@ -61,9 +61,10 @@ class EngineConfig:
                                                    "cache; 'topk'/'ilp' fill what is left with hot neurons")
     tau_hot: float | None = _option(None, "'topk'/'ilp': only neurons active at least this often go hot")
     min_per_layer: int = _option(0, "'ilp': C_l, the fewest hot neurons of a layer that has any")
-    weights: str = _option("fp32", "weight storage: 'q8' / 'q4' block-quantized rows run by the SIMD kernels "
-                                   "(made from the GGUF's own blocks where they map), 'fp32' dequantized floats "
-                                   "in `dtype` (the exactness reference)", choices=WEIGHT_FORMATS)
+    weights: str = _option("q8", "weight storage: 'q8' / 'q4' block-quantized rows run by the SIMD kernels "
+                                 "(made from the GGUF's own blocks where they map; q8 is HumanEval- and "
+                                 "perplexity-equal to fp32), 'fp32' dequantized floats in `dtype` (the exactness "
+                                 "reference)", choices=WEIGHT_FORMATS)
     dtype: str = _option("float32", "float weights and activations ('fp32' weights; the GPU executor on CUDA)",
                          choices=DTYPES)
     sparsity: str = _option("dense", "which FFN neurons each token computes: 'gate' (up/down rows where "

@@ -94,7 +94,8 @@ def test_serve_batches_three_client_processes_generate_agenerate_stream(ray_head
 
     pinfer = [str(VENV_BIN / "pinfer")]
     serve = subprocess.run([*pinfer, "serve", "--detach", "--address", "auto", "--name", "pinfer-test-engine",
-                            "--hot-fraction", "0.5"], env=ray_head, capture_output=True, text=True, timeout=300)
+                            "--hot-fraction", "0.5", "--weights", "fp32"],     # fp32: the tokens of the in-process
+                           env=ray_head, capture_output=True, text=True, timeout=300)   # engine, bit for bit
     assert serve.returncode == 0, serve.stderr
     try:
         clients = [_py(CLIENT, ray_head, *prompts) for prompts in PROMPTS]
@@ -103,7 +104,7 @@ def test_serve_batches_three_client_processes_generate_agenerate_stream(ray_head
             out, err = c.communicate(timeout=300)
             assert c.returncode == 0, err
             results.append(json.loads(out.strip().splitlines()[-1]))
-        local = LLM("smollm2-135m")                    # each prompt alone: no batching at all
+        local = LLM("smollm2-135m", weights="fp32")    # each prompt alone: no batching at all
         for prompts, got in zip(PROMPTS, results):
             assert got == [local.generate(p, SamplingParams(max_tokens=12, temperature=0.0))[0].token_ids
                            for p in prompts]

@@ -102,7 +102,7 @@ def test_bfloat16_without_native_support_computes_in_float32_and_says_so_once(mo
 
     monkeypatch.setattr(config_module, "native_bf16", lambda: False)
     monkeypatch.setattr(config_module, "_WARNED", [])
-    cfg = EngineConfig(dtype="bfloat16")
+    cfg = EngineConfig(dtype="bfloat16", weights="fp32")
     with caplog.at_level("WARNING", logger="runtime.config"):
         assert cfg.cpu_dtype == "float32" and cfg.cpu_dtype == "float32"
     assert len([r for r in caplog.records if "emulated" in r.message]) == 1

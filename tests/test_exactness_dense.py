@@ -27,7 +27,7 @@ def pair(request: pytest.FixtureRequest):
     name = request.param
     if not has_package_data(name):
         pytest.skip(f"{name}: data packages not installed (pinfer download {name})")
-    llm = LLM(name, dtype="float32")
+    llm = LLM(name, weights="fp32", dtype="float32")
     hf_tok, hf = hf_from_gguf(name)
     chat = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Write a function that reverses a list."}])
     yield llm, hf_tok, hf, PROMPTS + [chat]

@@ -22,10 +22,12 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
 class Executors:
-    """A GPU executor and a CPU executor wired as the hybrid driver wires them, minus Ray."""
+    """A GPU executor and a CPU executor wired as the hybrid driver wires them, minus Ray; fp32 weights (the
+    exactness reference) unless ``weights`` says otherwise."""
 
     def __init__(self, model_dir: Path, max_rows: int = 256, **options) -> None:
         cfg = ModelConfig.load(model_dir)
+        options.setdefault("weights", "fp32")
         self.config = EngineConfig.resolve(model=str(model_dir), is_hybrid=True, **options).for_model(
             str(model_dir), cfg.max_position_embeddings)
         splits, tau = place(self.config, model_dir, cfg), mode_thresholds(model_dir, self.config)
@@ -45,7 +47,7 @@ class Executors:
 
 
 def _local(model_dir: Path, **options) -> LLM:
-    return LLM(str(model_dir), num_threads=1, **options)
+    return LLM(str(model_dir), num_threads=1, **{"weights": "fp32", **options})
 
 
 def test_executors_equal_the_in_process_engine_with_chunked_prefill(tiny_model_dir: Path, executors) -> None:

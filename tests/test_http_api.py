@@ -225,14 +225,15 @@ def test_pinfer_serve_http_through_a_ray_served_engine(tiny_model_dir: Path, tmp
     log = tmp_path / "serve.log"
     with open(log, "w") as err:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "pinfer"), "serve", "--http", "--port", "0",
-                                 "--model", str(tiny_model_dir), "--hot-fraction", "0.5", "--name", "pinfer-http-test"],
+                                 "--model", str(tiny_model_dir), "--hot-fraction", "0.5", "--name", "pinfer-http-test",
+                                 "--weights", "fp32"],          # fp32: hybrid and in-process tokens equal bit for bit
                                 env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     watchdog = threading.Timer(240, proc.kill)                  # a hung start must not hang the suite
     watchdog.start()
     try:
         url = next((m[0] for line in proc.stdout if (m := re.search(r"http://\S+/v1", line))), None)
         assert url, log.read_text()[-3000:]
-        local = LLM(str(tiny_model_dir))
+        local = LLM(str(tiny_model_dir), weights="fp32")
         want = local.generate("abc", greedy(10))[0]
         local.shutdown()
         with openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120) as client:

@@ -188,13 +188,13 @@ def test_runs_resume_and_refuse_other_settings(smollm, tmp_path: Path) -> None:
 
     sidecar = tmp_path / "he.settings.json"
     recorded = json.loads(sidecar.read_text())
-    assert recorded["weights"] == "fp32"
+    assert recorded["weights"] == smollm.config.weights == "q8"        # the default format
     settings = RunSettings(**{**recorded, "stop": tuple(recorded["stop"])})
-    with pytest.raises(ValueError, match="weights: 'q8' now vs 'fp32' there"):       # formats never mix
-        ResultStore(out, replace(settings, weights="q8"))
-    del recorded["weights"]                                            # written before the setting existed
-    sidecar.write_text(json.dumps(recorded))
-    ResultStore(out, settings).close()
+    with pytest.raises(ValueError, match="weights: 'fp32' now vs 'q8' there"):       # formats never mix
+        ResultStore(out, replace(settings, weights="fp32"))
+    del recorded["weights"]                                            # written before the setting existed:
+    sidecar.write_text(json.dumps(recorded))                           # float weights, the default then
+    ResultStore(out, replace(settings, weights="fp32")).close()
     with pytest.raises(ValueError, match="weights: 'q4' now vs 'fp32' there"):
         ResultStore(out, replace(settings, weights="q4"))
 

@@ -34,7 +34,7 @@ def ray_cluster():
 
 def _dense_reference(name: str) -> dict:
     """Last-position logits of the in-process dense engine, threads matched to the GPU executor (1)."""
-    ref = LLM(name, num_threads=1)
+    ref = LLM(name, weights="fp32", num_threads=1)
     logits = {p: ref.prompt_logits(p) for p in PROMPTS}
     torch.set_num_threads(os.cpu_count() or 1)
     return logits
@@ -69,7 +69,7 @@ def references(request: pytest.FixtureRequest, ray_cluster):
 @pytest.mark.parametrize("hot_fraction", [0.0, 0.3, 0.5, 1.0])
 def test_hybrid_equals_dense_and_transformers(references, hot_fraction: float) -> None:
     name, dense_logits, hf_tokens = references
-    llm = LLM(name, hot_fraction=hot_fraction)
+    llm = LLM(name, weights="fp32", hot_fraction=hot_fraction)
     try:
         for p in PROMPTS:
             diff = (llm.prompt_logits(p) - dense_logits[p]).abs().max().item()

@@ -36,7 +36,7 @@ def _hf(model_dir: Path):
 
 
 def test_hf_directory_matches_transformers(variant: Path) -> None:
-    llm, hf = LLM(str(variant)), _hf(variant)
+    llm, hf = LLM(str(variant), weights="fp32"), _hf(variant)
     ids = llm.tokenizer.encode("hello tiny model, how are you?")
     with torch.inference_mode():
         ref = hf(torch.tensor([ids])).logits[0]
@@ -51,7 +51,7 @@ def test_hf_directory_matches_transformers(variant: Path) -> None:
 
 
 def test_incremental_decode_equals_full_forward(tiny_model_dir: Path) -> None:
-    llm = LLM(str(tiny_model_dir))
+    llm = LLM(str(tiny_model_dir), weights="fp32")
     runner = DenseRunner(load_transformer(tiny_model_dir))
     ids = llm.tokenizer.encode("the kv cache must not change anything")
     full = llm.token_logits(ids)
@@ -76,8 +76,8 @@ def test_batched_requests_equal_single_requests(tiny_model_dir: Path) -> None:
 def test_bfloat16_tracks_float32(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("runtime.config.native_bf16", lambda: True)      # the bf16 arithmetic on any CPU
     ids = LLM(str(tiny_model_dir)).tokenizer.encode("bf16 should be close")
-    f32 = LLM(str(tiny_model_dir)).token_logits(ids)
-    b16 = LLM(str(tiny_model_dir), dtype="bfloat16").token_logits(ids)
+    f32 = LLM(str(tiny_model_dir), weights="fp32").token_logits(ids)
+    b16 = LLM(str(tiny_model_dir), weights="fp32", dtype="bfloat16").token_logits(ids)
     assert b16.dtype == torch.float32 and torch.isfinite(b16).all()
     assert (b16 - f32).abs().max().item() < 0.1 * f32.abs().max().item()
     assert (b16.argmax(-1) == f32.argmax(-1)).float().mean().item() >= 0.8

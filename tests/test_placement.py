@@ -80,10 +80,10 @@ def test_pinfer_place_solves_what_the_engine_then_reuses(calibrated_tiny: Path, 
 
 
 def test_the_gpu_executor_holds_exactly_the_solvers_neurons_and_stays_exact(calibrated_tiny: Path) -> None:
-    local = LLM(str(calibrated_tiny), num_threads=1)
+    local = LLM(str(calibrated_tiny), weights="fp32", num_threads=1)
     prompts = ["hello tiny model", "def f(a, b):"]
     want = place_topk(_frequencies(calibrated_tiny), CAPACITY)
-    llm = LLM(str(calibrated_tiny), placement="topk", memory_budget_mb=0.5, **SMALL)
+    llm = LLM(str(calibrated_tiny), weights="fp32", placement="topk", memory_budget_mb=0.5, **SMALL)
     try:
         held = llm.hot_neurons()
         assert [len(h) for h in held] == [len(s.hot) for s in want]

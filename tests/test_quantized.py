@@ -96,6 +96,8 @@ def test_matrix_vector_kernel_equals_its_reference(isa: str, fmt: str, rows: int
     for threads in (1, 2):
         assert close(qk.qlinear(x, w, threads), want)
     assert qk.qlinear(x.view(rows, 1, k), w).shape == (rows, 1, n)
+    alone = torch.cat([qk.qlinear(x[r:r + 1], w, 2) for r in range(rows)])      # a row's result: batch-invariant
+    assert torch.equal(qk.qlinear(x, w, 2), alone)
 
 
 def _neurons(fmt_gu: str, fmt_down: str, d: int = 64, n: int = 53, gated: bool = True,
@@ -125,6 +127,7 @@ def test_dense_ffn_through_w_down_equals_its_reference(isa: str, fmt_gu: str, fm
     for threads in (1, 2, 3):
         y, used = qk.qffn(x, q, None, "silu", threads)
         assert close(y, want, rel=2e-3) and used == a.numel()
+    assert torch.equal(y, torch.cat([qk.qffn(x[r:r + 1], q, None, "silu", 3)[0] for r in range(rows)]))
     rows_path, _ = qk.qffn(x, q, torch.arange(q.num_neurons), "silu", 2)      # the down rows: the same sum
     assert close(rows_path, a @ q.down.dequantize()) and close(y, rows_path, rel=2e-2)
     assert torch.equal(m["down"], q.down_t.dequantize().T)        # the float form: W_down's own blocks

@@ -32,6 +32,13 @@
 #define HAVE_AVX2 0
 #endif
 
+/* Float expressions as written (no a*b+c fused by the compiler) where two functions must give the same sums. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define NO_CONTRACT
+#endif
+
 enum { FMT_Q8_0 = 0, FMT_Q4_1 = 1 };
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1 };
 #define QK 32
@@ -162,11 +169,14 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static void dot_rows_avx2(const uint8_t *w, int fmt, int64_t nb, const XBlock *const *x, int nr, float *out) {
+/* Same sums in the same order as dot2 (even blocks in one chain, odd in another, added at the end; Q4_1's
+ * minimum terms added a pair at a time), so that a row's result does not depend on the rows batched with it. */
+static NO_CONTRACT void dot_rows_avx2(const uint8_t *w, int fmt, int64_t nb, const XBlock *const *x, int nr,
+                                      float *out) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[TILE];
-    float mins[TILE] = {0};
-    for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
+    __m256 acc[2][TILE];
+    float mins[TILE] = {0}, mprev[TILE] = {0};
+    for (int r = 0; r < nr; r++) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
     if (fmt == FMT_Q8_0) {
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk = w + b * 34;
@@ -177,7 +187,7 @@ static void dot_rows_avx2(const uint8_t *w, int fmt, int64_t nb, const XBlock *c
                 const XBlock *xb = x[r] + b;
                 const __m256i sx = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xb->q), q);
                 const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sx), ones);
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), _mm256_cvtepi32_ps(p), acc[r]);
+                acc[b & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), _mm256_cvtepi32_ps(p), acc[b & 1][r]);
             }
         }
     } else {
@@ -191,12 +201,15 @@ static void dot_rows_avx2(const uint8_t *w, int fmt, int64_t nb, const XBlock *c
                 const XBlock *xb = x[r] + b;
                 const __m256i p = _mm256_madd_epi16(
                     _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)xb->q)), ones);
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), _mm256_cvtepi32_ps(p), acc[r]);
-                mins[r] += m * xb->s;
+                acc[b & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), _mm256_cvtepi32_ps(p), acc[b & 1][r]);
+                if (b & 1) mins[r] += mprev[r] + m * xb->s;
+                else mprev[r] = m * xb->s;
             }
         }
+        if (nb & 1)
+            for (int r = 0; r < nr; r++) mins[r] += mprev[r];
     }
-    for (int r = 0; r < nr; r++) out[r] = hsum(acc[r]) + mins[r];
+    for (int r = 0; r < nr; r++) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + mins[r];
 }
 #endif
 
@@ -247,7 +260,8 @@ static inline __m256i idot_q41(const uint8_t *blk, const __m256i xq) {
 #endif
 
 /* Two weight rows against one activation row (decode): independent accumulator chains hide FMA latency. */
-static void dot2(const uint8_t *w0, const uint8_t *w1, int fmt, int64_t nb, const XBlock *x, float *o0, float *o1) {
+static NO_CONTRACT void dot2(const uint8_t *w0, const uint8_t *w1, int fmt, int64_t nb, const XBlock *x,
+                             float *o0, float *o1) {
 #if HAVE_AVX2
     if (g_isa == ISA_AVX2) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
