@@ -442,7 +442,8 @@ static inline int above(float v, float tau) { return tau < 0.f || fabsf(v) > tau
  * the up rows of those whose |act(gate)| passes tau_gate, then the down rows of those whose |a| passes tau_a.
  * Rows are read two at a time (two independent dot products) and the next rows are prefetched where they
  * do not follow the previous one: neurons a threshold picks are scattered, and the hardware prefetchers
- * cannot guess them (consecutive rows they stream on their own). */
+ * cannot guess them (consecutive rows they stream on their own). The down rows that will be added are
+ * prefetched while the up rows are read: the group adds them a block column at a time, up to 16 streams. */
 static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *wu, int64_t ld_u, const uint8_t *wd,
                                 int64_t ld_d, const uint8_t *wg, int64_t ld_g, int fmt_gu, int fmt_down,
                                 const int64_t *js, int n, int act, float tau_gate, float tau_a, float *y) {

@@ -152,8 +152,8 @@ class QNeurons:
         """The given neurons' rows dequantized: gate (gated FFNs), up, down, each fp32 [n, d]; down from W_down as
         it is where the layer has it (the blocks a dense pass computes with)."""
         out = {name: m.dequantize(rows) for name, m in (("gate", self.gate), ("up", self.up)) if m is not None}
-        out["down"] = self.down.dequantize(rows) if self.down_t is None else self.down_t.dequantize().T[rows].contiguous()
-        return out
+        down = self.down.dequantize(rows) if self.down_t is None else self.down_t.dequantize().T[rows]
+        return {**out, "down": down.contiguous()}
 
 
 def quantize_x(x: torch.Tensor) -> torch.Tensor:
