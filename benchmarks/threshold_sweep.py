@@ -55,6 +55,8 @@ def output_path(out: Path, fmt: str, dtype: str, p: Point) -> Path:
 
 
 def main() -> None:
+    from runtime.config import WEIGHT_FORMATS  # pure Python: no torch yet
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="qwen2.5-coder-0.5b,qwen2.5-coder-1.5b")
     ap.add_argument("--format", default="raw", choices=["raw", "chat"], help="prompt format (see pinfer eval)")
@@ -71,6 +73,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                     help="bfloat16 (default) doubles batched decode speed on CPUs with avx512_bf16")
+    ap.add_argument("--weights", default="fp32", choices=WEIGHT_FORMATS,
+                    help="weight format of every point: fp32 (default; the grid measured so far, in --dtype) or "
+                         "q8/q4 (results named after the format instead of the dtype)")
     ap.add_argument("--gpu-share", type=float, default=None,
                     help="run the activation points on the hybrid runtime with this GPU share of neurons too (on a "
                          "CUDA machine: attention and the hot neurons on the GPU; see gpu_sweep.sh); default in process")
@@ -97,9 +102,11 @@ def main() -> None:
         if args.budget_minutes is not None and time.perf_counter() - t0 > args.budget_minutes * 60:
             logger.info("time budget spent; rerun to go on")
             break
-        engine = EngineConfig.resolve(model=p.model, dtype=args.dtype, sparsity=p.mode, activation_sparsity=p.sparsity,
+        engine = EngineConfig.resolve(model=p.model, weights=args.weights, dtype=args.dtype, sparsity=p.mode,
+                                      activation_sparsity=p.sparsity,
                                       hot_fraction=args.gpu_share if p.hot_fraction is None else p.hot_fraction)
-        cfg = EvalConfig(output=output_path(args.out, args.format, args.dtype, p), engine=engine,
+        kind = args.dtype if args.weights == "fp32" else args.weights
+        cfg = EvalConfig(output=output_path(args.out, args.format, kind, p), engine=engine,
                          prompt_format=args.format,
                          limit=args.hot_limit if p.hot_fraction is not None and args.hot_limit else args.limit,
                          max_tokens=args.max_tokens, batch_size=args.batch_size)
