@@ -427,12 +427,11 @@ static void axpy_group(const uint8_t *const *down, const float *a, int n, int fm
     for (int t = 0; t < n; t++) axpy_row(down[t], fmt, nb, a[t], y);
 }
 
-/* Prefetch rows ids[t] (t in [from, from + 2), < n) of a matrix whose rows are ld bytes apart, skipping rows
- * that follow the one before in memory (the hardware prefetchers stream those). */
-static inline void prefetch_rows_ahead(const uint8_t *base, int64_t ld, int64_t row_bytes, const int64_t *ids,
-                                       int from, int n) {
+/* Prefetch rows ids[t] (t in [from, from + 2), < n) of a matrix of consecutive ld-byte rows, skipping rows
+ * that follow the one before (the hardware prefetchers stream those). */
+static inline void prefetch_rows_ahead(const uint8_t *base, int64_t ld, const int64_t *ids, int from, int n) {
     for (int t = from; t < from + 2 && t < n; t++)
-        if (t == 0 || ids[t] != ids[t - 1] + 1 || ld != row_bytes) prefetch_span(base + ids[t] * ld, row_bytes);
+        if (t == 0 || ids[t] != ids[t - 1] + 1) prefetch_span(base + ids[t] * ld, ld);
 }
 
 /* Whether neuron activation passes a threshold: tau < 0 is "no threshold". */
@@ -447,7 +446,6 @@ static inline int above(float v, float tau) { return tau < 0.f || fabsf(v) > tau
 static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *wu, int64_t ld_u, const uint8_t *wd,
                                 int64_t ld_d, const uint8_t *wg, int64_t ld_g, int fmt_gu, int fmt_down,
                                 const int64_t *js, int n, int act, float tau_gate, float tau_a, float *y) {
-    const int64_t gu_bytes = nb * pinfer_block_bytes(fmt_gu), down_bytes = nb * pinfer_block_bytes(fmt_down);
     int64_t live[GROUP];
     float g[GROUP], a[GROUP];
     const uint8_t *down[GROUP];
@@ -455,7 +453,7 @@ static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *wu,
     if (wg) {                                            /* gates, in pairs; survivors kept with act(gate) */
         for (int t = 0; t < n; t += 2) {
             const int t1 = t + 1 < n ? t + 1 : t;
-            prefetch_rows_ahead(wg, ld_g, gu_bytes, js, t + 2, n);
+            prefetch_rows_ahead(wg, ld_g, js, t + 2, n);
             float g0, g1;
             dot2(wg + js[t] * ld_g, wg + js[t1] * ld_g, fmt_gu, nb, xq, &g0, &g1);
             g[t] = actf(g0, act);
@@ -469,16 +467,15 @@ static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *wu,
     int k = 0;
     for (int t = 0; t < m; t += 2) {                     /* up rows of the survivors, in pairs */
         const int t1 = t + 1 < m ? t + 1 : t;
-        if (t == 0) prefetch_rows_ahead(wu, ld_u, gu_bytes, live, 0, m);
-        prefetch_rows_ahead(wu, ld_u, gu_bytes, live, t + 2, m);
+        if (t == 0) prefetch_rows_ahead(wu, ld_u, live, 0, m);
+        prefetch_rows_ahead(wu, ld_u, live, t + 2, m);
         float u[2];
         dot2(wu + live[t] * ld_u, wu + live[t1] * ld_u, fmt_gu, nb, xq, &u[0], &u[1]);
         for (int e = 0; e < (t1 > t ? 2 : 1); e++) {
             const float av = wg ? g[t + e] * u[e] : actf(u[e], act);
             if (!above(av, tau_a)) continue;
-            const int64_t j = live[t + e];
-            down[k] = wd + j * ld_d;
-            prefetch_span(down[k], down_bytes);
+            down[k] = wd + live[t + e] * ld_d;
+            prefetch_span(down[k], ld_d);
             a[k++] = av;
         }
     }
@@ -487,7 +484,8 @@ static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *wu,
 }
 
 /* Neuron-sparse FFN: y [n_rows, d] = sum over the listed neurons j that a row needs of a_j(x_r) * down_j.
- * wu, wd, wg: the up, down and gate rows of the neurons (rows ld_u, ld_d, ld_g bytes apart; wg NULL: not gated);
+ * wu, wd, wg: the up, down and gate rows of the neurons (consecutive rows of ld_u, ld_d, ld_g bytes; wg NULL: not
+ * gated);
  * idx [k] neuron ids. Which neurons a row needs: row_mask [n_rows, ld_mask] (optional; the predictor's:
  * row r uses idx[jj] only where row_mask[r, jj]), then |act(gate)| > tau_gate (gate mode, CATS) and
  * |a_j| > tau_a (down rows only of the large activations); a negative tau is no threshold. A batch reads a
@@ -495,8 +493,8 @@ static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *wu,
  * (row, neuron) pairs whose down row was applied. Returns 0, or -1 when a per-thread buffer cannot be
  * allocated. */
 int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *wu, int64_t ld_u, const uint8_t *wd,
-                int64_t ld_d, const uint8_t *wg, int64_t ld_g, int fmt_gu, int fmt_down, const int64_t *idx, int64_t k, const uint8_t *row_mask,
-                int64_t ld_mask, float tau_gate, float tau_a, int act, float *y, int64_t *n_used, int n_threads) {
+                int64_t ld_d, const uint8_t *wg, int64_t ld_g, int fmt_gu, int fmt_down, const int64_t *idx, int64_t k,
+                const uint8_t *row_mask, int64_t ld_mask, float tau_gate, float tau_a, int act, float *y, int64_t *n_used, int n_threads) {
     const int64_t nb = d / QK, nd = (int64_t)n_rows * d;
     memset(y, 0, nd * sizeof(float));
     const int T = clamp_threads(n_threads, k, 16);

@@ -65,24 +65,25 @@ def set_isa(name: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class QMatrix:
-    """Rows [n, k/32 blocks] of one format: y = x @ W.T for x [..., k]. Rows are contiguous bytes, ``ld`` bytes
-    apart (a view of some columns of a wider array works too)."""
+    """Rows [n, k/32 blocks] of one format: y = x @ W.T for x [..., k]."""
 
     data: np.ndarray          # uint8 [n, row_bytes(fmt, k)]
     fmt: str
     k: int
     ptr: int = field(init=False, repr=False, compare=False)      # data's address, taken once for the kernels
-    ld: int = field(init=False, repr=False, compare=False)       # bytes from one row to the next
 
     def __post_init__(self) -> None:
         if self.data.dtype != np.uint8 or self.data.ndim != 2 or self.data.shape[1] != row_bytes(self.fmt, self.k):
             raise ValueError(f"{self.fmt} matrix of {self.k} inputs needs uint8 rows of "
                              f"{row_bytes(self.fmt, self.k)} bytes, got {self.data.dtype} {self.data.shape}")
-        n, row = self.data.shape
-        if n > 0 and ((row > 1 and self.data.strides[1] != 1) or (n > 1 and self.data.strides[0] < row)):
-            raise ValueError("quantized rows must each be contiguous bytes")
+        if not self.data.flags.c_contiguous:
+            raise ValueError("quantized rows must be C-contiguous (the kernels take rows as consecutive bytes)")
         object.__setattr__(self, "ptr", self.data.ctypes.data)
-        object.__setattr__(self, "ld", self.data.strides[0] if n > 1 else row)
+
+    @property
+    def ld(self) -> int:
+        """Bytes from one row to the next."""
+        return self.data.shape[1]
 
     @property
     def shape(self) -> tuple[int, int]:
