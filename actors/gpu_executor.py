@@ -56,24 +56,32 @@ class _HybridRunner:
 
 class GPUExecutor(EngineEndpoint):
     def __init__(self, config: EngineConfig, model_dir: str, spec: ShardSpec, device: str | None = None,
-                 max_rows: int = MAX_ROWS) -> None:
+                 max_rows: int = MAX_ROWS, dequantize: bool | None = None) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.set_num_threads(config.gpu_threads)
-        on_cpu = self.device.type == "cpu"                    # quantized kernels run there; CUDA dequantizes
+        on_cpu = self.device.type == "cpu"
+        # Quantized weights: the block kernels on the CPU; dequantized to dtype elsewhere (or when asked: the
+        # CUDA path's arithmetic reproduced on the CPU, for its check).
+        dequantize = not on_cpu if dequantize is None else dequantize
         self.dtype = getattr(torch, config.cpu_dtype if on_cpu else config.dtype)
         self.cfg = ModelConfig.load(model_dir)
         self.model: Transformer = load_transformer(model_dir, self.dtype, self.cfg, with_ffn=False,
-                                                   weights=config.weights, dequantize=not on_cpu).to(self.device)
+                                                   weights=config.weights, dequantize=dequantize).to(self.device)
         # Attention and the head run while the CPU executor waits for its next layer: they may use every core.
         self.model.set_num_threads(config.num_threads)
         self.hot = FFNShard.load(model_dir, spec.neurons, self.dtype, self.device, config.sparsity, spec.thresholds,
-                                 config.gpu_threads, config.weights)
+                                 config.gpu_threads, config.weights, dequantize)
         self.predictor = predictor_mask_fn(Path(model_dir), config, self.device)     # predictor mode only
         self.arena = LayerArena(ArenaLayout(max_rows, self.cfg.hidden_size, self.cfg.intermediate_size))
         x, y_cold, mask = (torch.from_numpy(a) for a in (self.arena.x, self.arena.y_cold, self.arena.mask))
-        if self.device.type == "cuda":                          # pin the arena so H2D/D2H copies are DMA
+        # Pin the arena so that H2D/D2H copies are DMA. Unpinned at shutdown, before the arena is unmapped: a
+        # later mapping at the same address would otherwise stay tied to the old pages (copies would miss it).
+        self._pinned: list[int] = []
+        if self.device.type == "cuda":
             for t in (x, y_cold):
-                torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+                nbytes = t.numel() * t.element_size()
+                torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0))
+                self._pinned.append(t.data_ptr())
         self._views = ArenaViews(x, y_cold, mask, self.device, self.dtype)
         self.scheduler: LayerScheduler | None = None
         self.engine = Engine(_HybridRunner(self), TextTokenizer(model_dir), config,
@@ -131,6 +139,11 @@ class GPUExecutor(EngineEndpoint):
             self.scheduler.close()
             self.scheduler = None
         self._views = None
+        if self._pinned:
+            torch.cuda.synchronize(self.device)
+            for ptr in self._pinned:
+                torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(ptr))
+            self._pinned = []
         self.arena.close()
 
     def _require_scheduler(self) -> LayerScheduler:

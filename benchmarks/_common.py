@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import warnings
+from pathlib import Path
 from typing import Any
 
 
@@ -12,6 +14,17 @@ def quiet_logs() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (benchmarks name the machine they ran on)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def hf_model_for(llm: Any, dtype: str) -> Any:

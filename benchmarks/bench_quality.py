@@ -26,13 +26,12 @@ import gc
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import time
 from pathlib import Path
 
-from _common import quiet_logs
+from _common import cpu_model, quiet_logs
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -155,16 +154,6 @@ def first_divergence(tokens: list[int], reference: list[int]) -> int:
     """The first position where ``tokens`` differ from ``reference`` (their common length when none does)."""
     n = min(len(tokens), len(reference))
     return next((i for i in range(n) if tokens[i] != reference[i]), n)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def git_commit() -> str | None:

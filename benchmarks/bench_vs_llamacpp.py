@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import quiet_logs
+from _common import cpu_model, quiet_logs
 
 # name -> (engine, pinfer LLM options). pinfer configs always also get num_threads=--threads.
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -316,11 +316,10 @@ HZ = os.sysconf("SC_CLK_TCK")
 def machine_info(threads: int) -> dict[str, Any]:
     text = Path("/proc/cpuinfo").read_text()
     lines = text.splitlines()
-    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
     flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
     mem_kib = next((int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
                     if ln.startswith("MemTotal:")), 0)
-    return {"cpu": name, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
             "threads": threads, "mem_total_gb": round(mem_kib * 1024 / GB, 2),
             "isa": {"avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
                     "avx512_vnni": "avx512_vnni" in flags, "amx": any(f.startswith("amx") for f in flags)},

@@ -2,48 +2,29 @@
 bfloat16, gate mode, and a failing cold side."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from actors.cpu_executor import CPUExecutor
-from actors.gpu_executor import GPUExecutor
 from runtime import LLM, EngineConfig, SamplingParams
 from runtime.errors import EngineDeadError
-from runtime.hybrid.placement import place
+from runtime.hybrid.in_process import ExecutorPair
 from runtime.model.config import ModelConfig
-from runtime.model.ffn_shard import ShardSpec
-from runtime.sparsity.online import mode_thresholds
 
 PROMPTS = ["hello tiny model", "x" * 40, "def f(a, b):\n    return"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-class Executors:
-    """A GPU executor and a CPU executor wired as the hybrid driver wires them, minus Ray; fp32 weights (the
-    exactness reference) unless ``weights`` says otherwise."""
+class Executors(ExecutorPair):
+    """The executor pair for a model directory and engine options; fp32 weights (the exactness reference) unless
+    ``weights`` says otherwise."""
 
     def __init__(self, model_dir: Path, max_rows: int = 256, **options) -> None:
-        cfg = ModelConfig.load(model_dir)
         options.setdefault("weights", "fp32")
-        self.config = EngineConfig.resolve(model=str(model_dir), is_hybrid=True, **options).for_model(
-            str(model_dir), cfg.max_position_embeddings)
-        splits, tau = place(self.config, model_dir, cfg), mode_thresholds(model_dir, self.config)
-        self.gpu = GPUExecutor(self.config, str(model_dir), ShardSpec([s.hot for s in splits], tau), max_rows=max_rows)
-        self.cold = ShardSpec([s.cold for s in splits], tau)
-        self.cpu = self.attach_cpu()
-
-    def attach_cpu(self) -> CPUExecutor:
-        cpu = CPUExecutor(self.config, self.config.model, self.cold)
-        self.gpu.connect(cpu.attach(self.gpu.arena_ref()))
-        return cpu
-
-    def close(self) -> None:
-        self.gpu.shutdown()
-        self.cpu.shutdown()
-        torch.set_num_threads(os.cpu_count() or 1)
+        config = EngineConfig.resolve(model=str(model_dir), is_hybrid=True, **options).for_model(
+            str(model_dir), ModelConfig.load(model_dir).max_position_embeddings)
+        super().__init__(config, model_dir, max_rows)
 
 
 def _local(model_dir: Path, **options) -> LLM:

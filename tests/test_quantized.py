@@ -21,7 +21,7 @@ FORMATS = ("q8_0", "q4_1")
 rng = np.random.default_rng(0)
 
 
-@pytest.fixture(params=["scalar", "avx2"])
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
 def isa(request: pytest.FixtureRequest):
     """Each kernel path the machine runs; the others are skipped with the reason."""
     if request.param not in qk.available_isas():
@@ -205,16 +205,25 @@ def test_ungated_ffn_and_other_activations(isa: str) -> None:
 
 
 def test_kernel_paths_agree_with_each_other() -> None:
-    if len(qk.available_isas()) < 2:
-        pytest.skip(f"only one kernel path on this CPU: {qk.available_isas()}")
-    q, _ = _neurons("q4_1", "q8_0")
-    x, idx = torch.randn(5, q.d), torch.arange(q.num_neurons)
-    outs = []
-    for name in qk.available_isas():
-        qk.set_isa(name)
-        outs.append(qk.qffn(x, q, idx, "silu", 1)[0])
-    qk.set_isa(qk.available_isas()[-1])
-    assert all(close(o, outs[0], 1e-5) for o in outs)
+    """The scalar path differs from the SIMD ones only in the order of float sums; AVX-512 gives AVX2's sums bit
+    for bit (the same chains, two blocks to a register). d = 3 blocks: an odd last block; 1 row and 5 rows."""
+    paths = qk.available_isas()
+    if len(paths) < 2:
+        pytest.skip(f"only one kernel path on this CPU: {paths}")
+    outs: dict[str, list[torch.Tensor]] = {name: [] for name in paths}
+    for fmt_gu in FORMATS:
+        q, _ = _neurons(fmt_gu, "q8_0", d=96, n=64, down_t=True)
+        x, every = torch.randn(5, q.d), torch.arange(q.num_neurons)
+        for name in paths:
+            qk.set_isa(name)
+            for rows in (x[:1], x):
+                outs[name] += [qk.qffn(rows, q, every, "silu", 2)[0], qk.qffn(rows, q, None, "silu", 2)[0],
+                               qk.qlinear(rows, q.up, 2)]
+    qk.set_isa(paths[-1])
+    for name in paths[1:]:
+        assert all(close(o, ref, 1e-5) for o, ref in zip(outs[name], outs["scalar"]))
+    if "avx512" in paths:
+        assert all(torch.equal(o, ref) for o, ref in zip(outs["avx512"], outs["avx2"]))
 
 
 def test_embedding_rows_and_bad_token_ids() -> None:

@@ -202,8 +202,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
         self.lm_head_t = nn.Parameter(torch.empty(cfg.hidden_size, cfg.vocab_size), requires_grad=False)
-        # Tied models look tokens up in the head's columns (a strided gather of d values per token).
-        self.embed: Weight = self.lm_head_t.t() if cfg.tie_word_embeddings else \
+        # None: tied, the tokens' rows are the head's (token_rows).
+        self.embed: Weight | None = None if cfg.tie_word_embeddings else \
             nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.dtype = torch.float32           # activations and KV cache
@@ -216,9 +216,16 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.num_threads = n
 
+    def token_rows(self) -> Weight:
+        """[V, d] rows looked up per input token: the embedding, or in a tied model the head's own (a strided view
+        of the float head's columns, taken where the head lives now; the quantized head's rows as they are)."""
+        if self.embed is not None:
+            return self.embed
+        return self.lm_head_t.t() if isinstance(self.lm_head_t, torch.Tensor) else self.lm_head_t
+
     def weight_bytes(self) -> int:
         """Bytes of the weights held here (float parameters and quantized matrices, each counted once)."""
-        mats = [self.lm_head_t, self.embed] + [w for b in self.layers for w in (b.attn.w_qkv_t, b.attn.w_o_t)]
+        mats = [self.lm_head_t, self.token_rows()] + [w for b in self.layers for w in (b.attn.w_qkv_t, b.attn.w_o_t)]
         quantized = {id(w): w.nbytes for w in mats if isinstance(w, QMatrix)}
         return sum(p.numel() * p.element_size() for p in self.parameters()) + sum(quantized.values())
 
@@ -234,7 +241,7 @@ class Transformer(nn.Module):
         """tokens [B, T] -> logits [B, V] of the last position (``all_logits``: [B, T, V]), fp32."""
         B, T = tokens.shape
         eps = self.cfg.rms_norm_eps
-        x = lookup(self.embed, tokens)                                          # [B, T, d]
+        x = lookup(self.token_rows(), tokens)                                   # [B, T, d]
         cos, sin = self.rope(step.positions, x.dtype)
         fused = T == 1 and self.fused_decode and isinstance(self.lm_head_t, QMatrix)   # quantized decode: one C call
         rows = DecodeRows.of(step, cos, sin) if fused else None

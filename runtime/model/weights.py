@@ -42,7 +42,7 @@ def load_transformer(model_dir: str | Path, dtype: torch.dtype = torch.float32,
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in ckpt
     model.lm_head_t.data = t("model.embed_tokens.weight" if tied else "lm_head.weight")
     if tied:
-        model.embed = model.lm_head_t.t()
+        model.embed = None
     else:
         model.embed.data = ckpt.get("model.embed_tokens.weight", dtype)
     for i, layer in enumerate(model.layers):
@@ -88,7 +88,7 @@ def _load_quantized(model: Transformer, model_dir: Path, weights: str, dtype: to
     if "embed" in q:
         put(model, "embed", q.matrix("embed", d), rows=True)
     else:
-        model.embed = model.lm_head_t if not dequantize else model.lm_head_t.t()
+        model.embed = None
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         layer.attn_norm.data = q.floats(p + "input_layernorm.weight")

@@ -37,7 +37,7 @@ def run_with_ffn_hook(model: Transformer, windows: list[list[int]], hook, desc: 
         return a @ f.w_down_t
 
     for ids in tqdm(windows, desc=desc, unit="window"):
-        cache = KVCache(model.cfg, 1, len(ids), model.embed.dtype)
+        cache = KVCache(model.cfg, 1, len(ids), model.dtype)
         model(torch.tensor([ids]), StepInput.build([0], len(ids), [0]), cache, ffn=ffn)
 
 

@@ -9,9 +9,10 @@
  *   Q8_0 . x = d_w d_x sum(q_w q_x)          Q4_1 . x = d_w d_x sum(q_w q_x) + m_w s_x
  *
  * Paths: AVX2 (+FMA, F16C) when the compiler targets it (this file is built on the machine that runs it,
- * with -march=native), and a portable scalar one; pinfer_set_isa() selects between the compiled paths
- * (tests compare them). Activation quantization is shared scalar code, so the paths differ only in the
- * order of float sums.
+ * with -march=native), AVX-512 (F, BW, VL and VNNI) on top of it, and a portable scalar one; pinfer_set_isa()
+ * selects between the compiled paths (tests compare them). The AVX-512 path computes the block dot products
+ * two blocks to a register with VNNI's one-instruction multiply-add of bytes (the rest is AVX2's): its sums are
+ * AVX2's bit for bit. The scalar path differs from them only in the order of float sums.
  *
  * FFN neurons are neuron-major: row j of the gate, up and down matrices (each d/32 blocks; down_j = column j of
  * W_down) belong to neuron j; gate/up share one format and down has its own. y_r += a_j(x_r) * down_j over the
@@ -31,6 +32,11 @@
 #else
 #define HAVE_AVX2 0
 #endif
+#if HAVE_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define HAVE_AVX512 1
+#else
+#define HAVE_AVX512 0
+#endif
 
 /* Float expressions as written (no a*b+c fused by the compiler) where two functions must give the same sums. */
 #if defined(__GNUC__) && !defined(__clang__)
@@ -40,15 +46,16 @@
 #endif
 
 enum { FMT_Q8_0 = 0, FMT_Q4_1 = 1 };
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1 };
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 #define QK 32
 #define TILE 4 /* activation rows sharing one unpacked weight block */
 
 typedef struct { float d, s; int8_t q[QK]; } XBlock;
 
-static int g_isa = HAVE_AVX2 ? ISA_AVX2 : ISA_SCALAR;
+#define BEST_ISA (HAVE_AVX512 ? ISA_AVX512 : HAVE_AVX2 ? ISA_AVX2 : ISA_SCALAR)
+static int g_isa = BEST_ISA;
 
-int pinfer_best_isa(void) { return HAVE_AVX2 ? ISA_AVX2 : ISA_SCALAR; }
+int pinfer_best_isa(void) { return BEST_ISA; }
 int pinfer_set_isa(int isa) {
     if (isa < 0 || isa > pinfer_best_isa()) return -1;
     g_isa = isa;
@@ -124,7 +131,7 @@ static void quantize_block_avx2(const float *v, XBlock *out) {
 void pinfer_quantize_x(const float *x, int64_t n_rows, int64_t k, XBlock *xq) {
     const int64_t n = n_rows * (k / QK);
 #if HAVE_AVX2
-    if (g_isa == ISA_AVX2) {
+    if (g_isa >= ISA_AVX2) {
         for (int64_t b = 0; b < n; b++) quantize_block_avx2(x + b * QK, xq + b);
         return;
     }
@@ -169,47 +176,85 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Same sums in the same order as dot2 (even blocks in one chain, odd in another, added at the end; Q4_1's
- * minimum terms added a pair at a time), so that a row's result does not depend on the rows batched with it. */
+/* A weight block as the unsigned factor of maddubs: Q8_0 as |q_w| (*sgn = q_w, whose signs go onto the
+ * activations), Q4_1 as its levels 0..15 in element order. */
+static inline __m256i w_u8(const uint8_t *blk, int q8, __m256i *sgn) {
+    if (q8) {
+        *sgn = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        return _mm256_sign_epi8(*sgn, *sgn);
+    }
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 4));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0xF));
+}
+/* 8 int32 partial sums of one weight block (w_u8's) with one activation block's levels. */
+static inline __m256i x_dot(__m256i wu, __m256i sgn, int q8, const int8_t *xq) {
+    __m256i xv = _mm256_loadu_si256((const __m256i *)xq);
+    if (q8) xv = _mm256_sign_epi8(xv, sgn);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xv), _mm256_set1_epi16(1));
+}
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+/* Block `bi` (weights at blk) into accumulator chain ACC of each of the nr rows. */
+#define ROWS_BLOCK(ACC, blk, bi)                                                                           \
+    {                                                                                                      \
+        __m256i sgn = _mm256_setzero_si256();                                                              \
+        const __m256i wu = w_u8(blk, q8, &sgn);                                                            \
+        const float d = half_at(blk);                                                                      \
+        for (int r = 0; r < nr; r++) {                                                                     \
+            const XBlock *xb = x[r] + (bi);                                                                \
+            ACC[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), _mm256_cvtepi32_ps(x_dot(wu, sgn, q8, xb->q)), \
+                                     ACC[r]);                                                              \
+        }                                                                                                  \
+    }
+
+/* One weight row against nr activation rows, nr and fmt constants where inlined (the accumulators stay in
+ * registers). Same sums in the same order as dot2 (even blocks in one chain, odd in another, added at the end;
+ * Q4_1's minimum terms added a pair at a time), so that a row's result does not depend on the rows batched
+ * with it. */
+static ALWAYS_INLINE NO_CONTRACT void dot_rows_avx2_n(const uint8_t *w, const int fmt, int64_t nb,
+                                                      const XBlock *const *x, const int nr, float *out) {
+    const int q8 = fmt == FMT_Q8_0;
+    const int64_t bs = q8 ? 34 : 20;
+    __m256 even[TILE], odd[TILE];
+    float mins[TILE];
+    for (int r = 0; r < nr; r++) even[r] = odd[r] = _mm256_setzero_ps(), mins[r] = 0.f;
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *p0 = w + b * bs, *p1 = p0 + bs;
+        ROWS_BLOCK(even, p0, b)
+        ROWS_BLOCK(odd, p1, b + 1)
+        if (!q8)
+            for (int r = 0; r < nr; r++) mins[r] += half_at(p0 + 2) * x[r][b].s + half_at(p1 + 2) * x[r][b + 1].s;
+    }
+    if (b < nb) {
+        const uint8_t *p0 = w + b * bs;
+        ROWS_BLOCK(even, p0, b)
+        if (!q8)
+            for (int r = 0; r < nr; r++) mins[r] += half_at(p0 + 2) * x[r][b].s;
+    }
+    for (int r = 0; r < nr; r++) out[r] = hsum(_mm256_add_ps(even[r], odd[r])) + mins[r];
+}
+
+/* Specialized per format and row count (1..TILE). */
+#define DISPATCH_ROWS(KERNEL)                                                                              \
+    if (fmt == FMT_Q8_0) {                                                                                 \
+        switch (nr) {                                                                                      \
+        case 1: KERNEL(w, FMT_Q8_0, nb, x, 1, out); break;                                                 \
+        case 2: KERNEL(w, FMT_Q8_0, nb, x, 2, out); break;                                                 \
+        case 3: KERNEL(w, FMT_Q8_0, nb, x, 3, out); break;                                                 \
+        default: KERNEL(w, FMT_Q8_0, nb, x, TILE, out);                                                    \
+        }                                                                                                  \
+    } else {                                                                                               \
+        switch (nr) {                                                                                      \
+        case 1: KERNEL(w, FMT_Q4_1, nb, x, 1, out); break;                                                 \
+        case 2: KERNEL(w, FMT_Q4_1, nb, x, 2, out); break;                                                 \
+        case 3: KERNEL(w, FMT_Q4_1, nb, x, 3, out); break;                                                 \
+        default: KERNEL(w, FMT_Q4_1, nb, x, TILE, out);                                                    \
+        }                                                                                                  \
+    }
+
 static NO_CONTRACT void dot_rows_avx2(const uint8_t *w, int fmt, int64_t nb, const XBlock *const *x, int nr,
                                       float *out) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[2][TILE];
-    float mins[TILE] = {0}, mprev[TILE] = {0};
-    for (int r = 0; r < nr; r++) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
-    if (fmt == FMT_Q8_0) {
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = w + b * 34;
-            const float d = half_at(blk);
-            const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
-            const __m256i aq = _mm256_sign_epi8(q, q);                       /* |q_w| as u8 */
-            for (int r = 0; r < nr; r++) {
-                const XBlock *xb = x[r] + b;
-                const __m256i sx = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xb->q), q);
-                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sx), ones);
-                acc[b & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), _mm256_cvtepi32_ps(p), acc[b & 1][r]);
-            }
-        }
-    } else {
-        const __m256i low = _mm256_set1_epi8(0xF);
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = w + b * 20;
-            const float d = half_at(blk), m = half_at(blk + 2);
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 4));
-            const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
-            for (int r = 0; r < nr; r++) {
-                const XBlock *xb = x[r] + b;
-                const __m256i p = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)xb->q)), ones);
-                acc[b & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), _mm256_cvtepi32_ps(p), acc[b & 1][r]);
-                if (b & 1) mins[r] += mprev[r] + m * xb->s;
-                else mprev[r] = m * xb->s;
-            }
-        }
-        if (nb & 1)
-            for (int r = 0; r < nr; r++) mins[r] += mprev[r];
-    }
-    for (int r = 0; r < nr; r++) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + mins[r];
+    DISPATCH_ROWS(dot_rows_avx2_n)
 }
 #endif
 
@@ -259,14 +304,115 @@ static inline __m256i idot_q41(const uint8_t *blk, const __m256i xq) {
     }
 #endif
 
+#if HAVE_AVX512
+static inline __m256 lo256(__m512 v) { return _mm512_castps512_ps256(v); }
+static inline __m256 hi256(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
+/* Two 32-byte runs as one vector (a low, b high). */
+static inline __m512i join256(const void *a, const void *b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                              _mm256_loadu_si256((const __m256i *)b), 1);
+}
+/* Weight blocks b and b + 1 as the unsigned factor of VNNI's byte multiply-add: Q8_0 as |q_w| (its signs in *neg,
+ * moved onto the activations, as idot_q8 does), Q4_1 as its levels 0..15 in element order. */
+static inline __m512i wq8_pair(const uint8_t *blk, __mmask64 *neg) {
+    const __m512i q = join256(blk + 2, blk + 34 + 2);
+    *neg = _mm512_movepi8_mask(q);
+    return _mm512_abs_epi8(q);
+}
+static inline __m512i wq41_pair(const uint8_t *blk) {
+    const __m128i r0 = _mm_loadu_si128((const __m128i *)(blk + 4)), r1 = _mm_loadu_si128((const __m128i *)(blk + 24));
+    __m512i v = _mm512_castsi128_si512(r0);
+    v = _mm512_inserti32x4(v, _mm_srli_epi16(r0, 4), 1);
+    v = _mm512_inserti32x4(v, r1, 2);
+    v = _mm512_inserti32x4(v, _mm_srli_epi16(r1, 4), 3);
+    return _mm512_and_si512(v, _mm512_set1_epi8(0xF));
+}
+/* 16 int32 sums of 4 byte products, lanes 0-7 block b's and 8-15 block b + 1's: lane for lane idot_q8/idot_q41's
+ * (integer sums, exact either way). xq: the activation levels of the two blocks. */
+static inline __m512i idot_pair(__m512i w_u8, __mmask64 neg, __m512i xq) {
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w_u8, _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq));
+}
+/* The two blocks' scales d_w d_x, each over its half (the products SCALED forms). */
+static inline __m512 scale_pair(const uint8_t *blk, int64_t bs, const XBlock *x) {
+    return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(half_at(blk) * x[0].d), _mm512_set1_ps(half_at(blk + bs) * x[1].d));
+}
+/* DOT2_LOOP's block pairs, two blocks to a register: the low half of a (c) is row 0's (row 1's) even-block chain, the
+ * high half its odd-block chain; an odd last block is left to DOT2_LOOP. */
+#define DOT2_PAIRS512(BS, Q8, MINS)                                                                       \
+    for (; b + 1 < nb; b += 2) {                                                                           \
+        const XBlock *x0 = x + b;                                                                          \
+        const __m512i xq = join256(x0[0].q, x0[1].q);                                                      \
+        const uint8_t *p0 = w0 + b * BS, *p1 = w1 + b * BS;                                                \
+        __mmask64 n0 = 0, n1 = 0;                                                                          \
+        _mm_prefetch((const char *)(p0 + PREFETCH), _MM_HINT_T0);                                          \
+        _mm_prefetch((const char *)(p1 + PREFETCH), _MM_HINT_T0);                                          \
+        const __m512i u0 = Q8 ? wq8_pair(p0, &n0) : wq41_pair(p0), u1 = Q8 ? wq8_pair(p1, &n1) : wq41_pair(p1);  \
+        a = _mm512_fmadd_ps(scale_pair(p0, BS, x0), _mm512_cvtepi32_ps(idot_pair(u0, n0, xq)), a);          \
+        c = _mm512_fmadd_ps(scale_pair(p1, BS, x0), _mm512_cvtepi32_ps(idot_pair(u1, n1, xq)), c);          \
+        if (MINS) {                                                                                        \
+            m0 += half_at(p0 + 2) * x0[0].s + half_at(p0 + BS + 2) * x0[1].s;                              \
+            m1 += half_at(p1 + 2) * x0[0].s + half_at(p1 + BS + 2) * x0[1].s;                              \
+        }                                                                                                  \
+    }
+
+/* dot_rows_avx2_n's sums, two blocks to a register (halves as in DOT2_PAIRS512). */
+static ALWAYS_INLINE NO_CONTRACT void dot_rows_avx512_n(const uint8_t *w, const int fmt, int64_t nb,
+                                                        const XBlock *const *x, const int nr, float *out) {
+    const int q8 = fmt == FMT_Q8_0;
+    const int64_t bs = q8 ? 34 : 20;
+    __m512 acc[TILE];
+    float mins[TILE] = {0};
+    for (int r = 0; r < nr; r++) acc[r] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *blk = w + b * bs;
+        __mmask64 neg = 0;
+        const __m512i u = q8 ? wq8_pair(blk, &neg) : wq41_pair(blk);
+        for (int r = 0; r < nr; r++) {
+            const XBlock *xb = x[r] + b;
+            const __m512i p = idot_pair(u, neg, join256(xb[0].q, xb[1].q));
+            acc[r] = _mm512_fmadd_ps(scale_pair(blk, bs, xb), _mm512_cvtepi32_ps(p), acc[r]);
+            if (!q8) mins[r] += half_at(blk + 2) * xb[0].s + half_at(blk + bs + 2) * xb[1].s;
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        __m256 even = lo256(acc[r]);
+        if (b < nb) {                                    /* an odd last block joins the even chain */
+            const uint8_t *blk = w + b * bs;
+            const XBlock *xb = x[r] + b;
+            const __m256i xq = _mm256_loadu_si256((const __m256i *)xb->q);
+            even = SCALED(blk, xb, q8 ? idot_q8(blk, xq) : idot_q41(blk, xq), even);
+            if (!q8) mins[r] += half_at(blk + 2) * xb->s;
+        }
+        out[r] = hsum(_mm256_add_ps(even, hi256(acc[r]))) + mins[r];
+    }
+}
+
+static NO_CONTRACT void dot_rows_avx512(const uint8_t *w, int fmt, int64_t nb, const XBlock *const *x, int nr,
+                                        float *out) {
+    DISPATCH_ROWS(dot_rows_avx512_n)
+}
+#endif
+
 /* Two weight rows against one activation row (decode): independent accumulator chains hide FMA latency. */
 static NO_CONTRACT void dot2(const uint8_t *w0, const uint8_t *w1, int fmt, int64_t nb, const XBlock *x,
                              float *o0, float *o1) {
 #if HAVE_AVX2
-    if (g_isa == ISA_AVX2) {
+    if (g_isa >= ISA_AVX2) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
         float m0 = 0.f, m1 = 0.f;
         int64_t b = 0;
+#if HAVE_AVX512
+        if (g_isa == ISA_AVX512) {
+            __m512 a = _mm512_setzero_ps(), c = a;
+            if (fmt == FMT_Q8_0) {
+                DOT2_PAIRS512(34, 1, 0)
+            } else {
+                DOT2_PAIRS512(20, 0, 1)
+            }
+            a0 = lo256(a), a1 = hi256(a), b0 = lo256(c), b1 = hi256(c);
+        }
+#endif
         if (fmt == FMT_Q8_0) {
             DOT2_LOOP(34, idot_q8, 0)
         } else {
@@ -285,6 +431,9 @@ static inline void dot_rows(const uint8_t *w, int fmt, int64_t nb, const XBlock 
 #if HAVE_AVX2
     if (g_isa == ISA_AVX2) { dot_rows_avx2(w, fmt, nb, x, nr, out); return; }
 #endif
+#if HAVE_AVX512
+    if (g_isa == ISA_AVX512) { dot_rows_avx512(w, fmt, nb, x, nr, out); return; }
+#endif
     dot_rows_scalar(w, fmt, nb, x, nr, out);
 }
 
@@ -299,7 +448,7 @@ static inline __m256 q8_quarter(const uint8_t *blk, int i) {
 
 static void axpy_row(const uint8_t *w, int fmt, int64_t nb, float a, float *y) {
 #if HAVE_AVX2
-    if (g_isa == ISA_AVX2) {
+    if (g_isa >= ISA_AVX2) {
         for (int64_t b = 0; b < nb; b++, y += QK) {
             __m256 v[4];
             if (fmt == FMT_Q8_0) {
@@ -403,7 +552,7 @@ static inline void prefetch_span(const uint8_t *p, int64_t bytes) {
 #define GROUP 16
 static void axpy_group(const uint8_t *const *down, const float *a, int n, int fmt, int64_t nb, float *y) {
 #if HAVE_AVX2
-    if (g_isa == ISA_AVX2 && fmt == FMT_Q8_0) {
+    if (g_isa >= ISA_AVX2 && fmt == FMT_Q8_0) {
         for (int64_t b = 0; b < nb; b++) {
             float *yb = y + b * QK;
             __m256 v0 = _mm256_loadu_ps(yb), v1 = _mm256_loadu_ps(yb + 8), v2 = _mm256_loadu_ps(yb + 16),

@@ -21,7 +21,7 @@ from runtime.model.qformat import BLOCK_BYTES, FORMAT_CODES, QK, dequantize, row
 
 logger = logging.getLogger(__name__)
 
-ISAS = ("scalar", "avx2")          # kernel paths, in the order of the library's codes
+ISAS = ("scalar", "avx2", "avx512")          # kernel paths, in the order of the library's codes
 _P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "pinfer_best_isa": (_I, []), "pinfer_set_isa": (_I, [_I]), "pinfer_xblock_bytes": (_I, []),
