@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--hot-fractions", default="0.5,1.0")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--profile", action="store_true", help="also print torch's profile of one request per dtype "
+                    "(the GPU kernels: the engine's own thread runs the request)")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the plumbing (the GPU "
                     "executor dequantizes there too; no memory rows)")
     args = ap.parse_args()
@@ -132,6 +134,17 @@ def main() -> None:
                   + (f"; GPU weights {row['gpu_weights_mb']} MB, the budget counts "
                                       f"{row['budget_counts_mb']} MB" if on_gpu else "")
                   + f" -> {'ok' if row['ok'] else 'FAIL'}", flush=True)
+    if args.profile:
+        for dtype in args.dtypes.split(","):                 # where a decode step's time goes, every neuron hot
+            pair, gen, _, _ = pair_for(1.0, dtype, args.device, None if on_gpu else True)
+            gen(PROMPTS[:1], greedy)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+                gen(PROMPTS[:1], greedy)
+            pair.close()
+            print(f"profile of one request ({args.tokens} tokens), {dtype}, every neuron hot:")
+            print(prof.key_averages().table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total",
+                                            row_limit=15, max_name_column_width=50))
     device = torch.cuda.get_device_name(0) if on_gpu else "cpu (dry run)"
     print(f"{'PASS' if ok else 'FAIL'} on {device}")
     print("RESULT " + json.dumps({"bench": "cuda_check", "model": args.model, "weights": args.weights,

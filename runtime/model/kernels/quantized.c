@@ -355,9 +355,9 @@ static inline __m512 scale_pair(const uint8_t *blk, int64_t bs, const XBlock *x)
         }                                                                                                  \
     }
 
-/* dot_rows_avx2_n's sums, two blocks to a register (halves as in DOT2_PAIRS512). */
-static ALWAYS_INLINE NO_CONTRACT void dot_rows_avx512_n(const uint8_t *w, const int fmt, int64_t nb,
-                                                        const XBlock *const *x, const int nr, float *out) {
+/* dot_rows_avx2's sums, two blocks to a register (halves as in DOT2_PAIRS512). */
+static NO_CONTRACT void dot_rows_avx512(const uint8_t *w, int fmt, int64_t nb, const XBlock *const *x, int nr,
+                                        float *out) {
     const int q8 = fmt == FMT_Q8_0;
     const int64_t bs = q8 ? 34 : 20;
     __m512 acc[TILE];
@@ -388,10 +388,6 @@ static ALWAYS_INLINE NO_CONTRACT void dot_rows_avx512_n(const uint8_t *w, const 
     }
 }
 
-static NO_CONTRACT void dot_rows_avx512(const uint8_t *w, int fmt, int64_t nb, const XBlock *const *x, int nr,
-                                        float *out) {
-    DISPATCH_ROWS(dot_rows_avx512_n)
-}
 #endif
 
 /* Two weight rows against one activation row (decode): independent accumulator chains hide FMA latency. */
