@@ -14,23 +14,31 @@ class LayerSplit:
 
 
 def split_by_fraction(num_layers: int, n_ff: int, hot_fraction: float,
-                      frequencies: Sequence[np.ndarray] | None = None) -> list[LayerSplit]:
+                      frequencies: Sequence[np.ndarray] | None = None, block: int = 1) -> list[LayerSplit]:
     """``hot_fraction`` of each layer's neurons go hot: the most frequently active ones when an
-    activation-frequency profile is given (ties broken by index), else the lowest indices."""
+    activation-frequency profile is given (ties broken by index), else the lowest indices. ``block`` > 1
+    (dividing n_ff): whole aligned blocks of that many neurons go one way, ranked by their summed frequency,
+    the hot count rounded to whole blocks."""
     if not 0.0 <= hot_fraction <= 1.0:
         raise ValueError(f"hot_fraction must be in [0, 1], got {hot_fraction!r}")
     if frequencies is not None and len(frequencies) != num_layers:
         raise ValueError(f"profile has {len(frequencies)} layers, model has {num_layers}")
-    n_hot = round(hot_fraction * n_ff)
+    if n_ff % block:
+        raise ValueError(f"blocks of {block} do not divide {n_ff} neurons")
+    n_blocks = n_ff // block
+    n_hot = round(hot_fraction * n_blocks)
+
+    def neurons(blocks: np.ndarray) -> np.ndarray:           # the blocks' neuron ids, in order
+        return (np.sort(blocks)[:, None] * block + np.arange(block)).reshape(-1).astype(np.int64)
+
     splits = []
     for layer in range(num_layers):
         if frequencies is None:
-            order = np.arange(n_ff)
+            order = np.arange(n_blocks)
         else:
-            order = np.argsort(-np.asarray(frequencies[layer], dtype=np.float64), kind="stable")
-        hot = np.sort(order[:n_hot])
-        cold = np.sort(order[n_hot:])
-        splits.append(LayerSplit(hot.astype(np.int64), cold.astype(np.int64)))
+            score = np.asarray(frequencies[layer], dtype=np.float64).reshape(n_blocks, block).sum(1)
+            order = np.argsort(-score, kind="stable")
+        splits.append(LayerSplit(neurons(order[:n_hot]), neurons(order[n_hot:])))
     return splits
 
 

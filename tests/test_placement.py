@@ -35,9 +35,14 @@ def _frequencies(model_dir: Path) -> list[np.ndarray]:
 def test_a_budget_that_cannot_hold_the_hot_fraction_is_refused_with_what_fits(tiny_model_dir: Path) -> None:
     cfg = ModelConfig.load(tiny_model_dir)
     with pytest.raises(BudgetError, match=r"at most 63 hot neurons per layer fit \(hot_fraction <= 0\.394\)"):
-        LLM(str(tiny_model_dir), hot_fraction=1.0, memory_budget_mb=0.5, **SMALL)     # refused before Ray starts
-    assert [len(s.hot) for s in place(_config(tiny_model_dir, hot_fraction=0.35, memory_budget_mb=0.5),
+        LLM(str(tiny_model_dir), hot_fraction=1.0, memory_budget_mb=0.5, weights="fp32", **SMALL)   # before Ray
+    assert [len(s.hot) for s in place(_config(tiny_model_dir, hot_fraction=0.35, memory_budget_mb=0.5, weights="fp32"),
                                       tiny_model_dir, cfg)] == [56, 56, 56]
+    # Dense layers of quantized weights split in whole 32-neuron blocks (0.35 of 5 blocks rounds to 2: 64 > 63).
+    with pytest.raises(BudgetError, match=r"at most 32 hot neurons per layer fit \(hot_fraction <= 0\.200; dense "):
+        place(_config(tiny_model_dir, hot_fraction=0.35, memory_budget_mb=0.5, weights="q8"), tiny_model_dir, cfg)
+    assert [len(s.hot) for s in place(_config(tiny_model_dir, hot_fraction=0.2, memory_budget_mb=0.5, weights="q8"),
+                                      tiny_model_dir, cfg)] == [32, 32, 32]
     with pytest.raises(BudgetError, match="not even the dense part"):
         place(_config(tiny_model_dir, hot_fraction=0.1, memory_budget_mb=0.2), tiny_model_dir, cfg)
     with pytest.raises(artifacts.MissingArtifactError, match="pinfer prepare"):   # the solver needs frequencies

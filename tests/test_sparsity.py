@@ -90,6 +90,19 @@ def test_any_hot_cold_split_gives_the_same_output_at_a_fixed_mask(tiny: Path, ho
                               full.partial(layer, x, mask=mask), atol=1e-5)
 
 
+def test_a_split_in_blocks_moves_whole_blocks_ranked_by_their_summed_frequency() -> None:
+    freq = np.zeros(160)
+    freq[64:96] = 1.0                                          # block 2 is the hottest, then block 4
+    freq[130] = 5.0
+    splits = split_by_fraction(2, 160, 0.4, [freq, freq], block=32)          # 0.4 of 5 blocks: 2
+    for s in splits:
+        assert list(s.hot) == list(range(64, 96)) + list(range(128, 160))
+        assert sorted([*s.hot, *s.cold]) == list(range(160))
+    assert [len(s.hot) for s in split_by_fraction(1, 160, 0.3, None, block=32)] == [64]     # 1.5 rounds to 2
+    with pytest.raises(ValueError, match="do not divide"):
+        split_by_fraction(1, 100, 0.5, None, block=32)
+
+
 def test_offline_pipeline_measures_what_it_reports(tiny: Path) -> None:
     from runtime.model.transformer import ffn_activations
     from runtime.sparsity import artifacts

@@ -19,6 +19,7 @@ import numpy as np
 from runtime.config import EngineConfig
 from runtime.errors import PinferError
 from runtime.model.config import ModelConfig
+from runtime.model.qformat import QK
 from runtime.sparsity import artifacts
 from runtime.sparsity.online import activation_frequencies, prepare_hint
 from scheduler.placement import LayerSplit, place_ilp, place_topk, split_by_fraction
@@ -62,14 +63,19 @@ def place(config: EngineConfig, model_dir: Path, model_cfg: ModelConfig) -> list
     memory, budget = GpuMemory.of(model_cfg, config), config.memory_budget_bytes
     calibrated = activation_frequencies(model_dir, config)
     if config.placement == "fraction":
-        splits = split_by_fraction(L, n_ff, config.hot_fraction, calibrated[0] if calibrated else None)
+        # Dense layers on quantized weights split in whole blocks: each side then computes with W_down's own
+        # blocks, exactly as the whole layer's dense pass (which neurons go hot matters only to sparse modes).
+        block = QK if config.sparsity == "dense" and config.weights != "fp32" and n_ff % QK == 0 else 1
+        splits = split_by_fraction(L, n_ff, config.hot_fraction, calibrated[0] if calibrated else None, block)
         num_hot = sum(len(s.hot) for s in splits)
         if budget is not None and memory.dense + memory.kv_cache + num_hot * memory.per_neuron > budget:
-            most = memory.neurons_that_fit(budget) // L
+            most = memory.neurons_that_fit(budget) // L // block * block
             raise BudgetError(
                 f"GPU executor needs {(memory.dense + memory.kv_cache + num_hot * memory.per_neuron) / 1e6:.1f} MB "
                 f"({memory.describe(num_hot)}) but the budget is {budget / 1e6:.1f} MB; at most {most} hot neurons "
-                f"per layer fit (hot_fraction <= {most / n_ff:.3f})" + _dense_too_big(memory, budget))
+                f"per layer fit (hot_fraction <= {most / n_ff:.3f}"
+                + (f"; dense layers of quantized weights split in whole blocks of {block})" if block > 1 else ")")
+                + _dense_too_big(memory, budget))
         return splits
     if calibrated is None:
         raise artifacts.MissingArtifactError(

@@ -11,7 +11,9 @@ batch reads the union of its rows' neurons once, and each row keeps only its own
 
 Quantized weights (q8/q4) are neuron-major in every mode: a shard of a whole layer reads the container's
 memory-mapped rows; a shard of some neurons (a hot/cold split) copies its rows into memory of its own, in its
-order, so it streams consecutive rows (each neuron still lives in one executor only). The block kernels read
+order, so it streams consecutive rows (each neuron still lives in one executor only); in dense mode a shard of
+whole 32-neuron blocks (the placement splits dense layers so) keeps W_down's own blocks for its neurons and
+computes what the whole layer's dense pass does, as one matrix-vector product. The block kernels read
 exactly the neurons a token needs. On devices without the kernels the rows are dequantized into the float
 layouts.
 """
@@ -94,7 +96,7 @@ class FFNShard:
                     if _is_every(idx, q_l.num_neurons):
                         own.append(q_l)
                     else:
-                        own.append(q_l.subset(np.asarray(idx)))
+                        own.append(q_l.subset(np.asarray(idx), dense_only=mode == "dense"))
                         q.release(q_l.arrays())
                 return cls(cfg, neurons, mode, own, thresholds, num_threads)
 

@@ -109,11 +109,13 @@ class QNeurons:
     adding n_ff down rows (a dot product of 32 weights costs ~2/3 of an axpy of them)."""
 
     up: QMatrix               # [n_ff, d]
-    down: QMatrix             # [n_ff, d]
+    down: QMatrix | None      # [n_ff, d]; None: a shard that only runs dense passes (through down_t)
     gate: QMatrix | None      # [n_ff, d], None when not gated
     down_t: QMatrix | None = None   # [d, n_ff]
 
     def __post_init__(self) -> None:
+        if self.down is None and self.down_t is None:
+            raise ValueError("an FFN needs its down rows or W_down")
         mats = [m for m in (self.up, self.down, self.gate) if m is not None]
         if len({m.shape for m in mats}) != 1:
             raise ValueError(f"FFN matrices of different shapes: {[m.shape for m in mats]}")
@@ -137,17 +139,26 @@ class QNeurons:
     def nbytes(self, num: int | None = None) -> int:
         """Bytes of ``num`` (all) neurons' rows, as one pass reads them."""
         per = sum(m.data.shape[1] for m in (self.up, self.down, self.gate) if m is not None)
+        if self.down is None:                                  # W_down's blocks: a down row's bytes per neuron
+            per += self.down_t.data.nbytes // max(1, self.num_neurons)
         return per * (self.num_neurons if num is None else num)
 
     def arrays(self) -> list[np.ndarray]:
         return [m.data for m in (self.up, self.down, self.gate, self.down_t) if m is not None]
 
-    def subset(self, rows: np.ndarray) -> "QNeurons":
+    def subset(self, rows: np.ndarray, dense_only: bool = False) -> "QNeurons":
         """The given neurons' rows copied into memory of their own, in that order: a shard of scattered neurons
-        streams them as consecutive rows (read where they lie, they cost ~20% more)."""
+        streams them as consecutive rows (read where they lie, they cost ~20% more). ``dense_only`` (a shard that
+        never skips a neuron): whole 32-neuron blocks keep W_down's own blocks (their columns of ``down_t``)
+        instead of down rows, so the shard's dense pass computes exactly what the whole layer's does."""
         def pick(m: QMatrix | None) -> QMatrix | None:
             return None if m is None else QMatrix(np.ascontiguousarray(m.data[rows]), m.fmt, m.k)
-        return QNeurons(pick(self.up), pick(self.down), pick(self.gate))
+        blocks = whole_blocks(rows) if dense_only and self.down_t is not None else None
+        if blocks is None:
+            return QNeurons(pick(self.up), pick(self.down), pick(self.gate))
+        dt = self.down_t.data.reshape(self.d, self.num_neurons // QK, -1)[:, blocks]         # [d, blocks, bytes]
+        return QNeurons(pick(self.up), None, pick(self.gate),
+                        QMatrix(np.ascontiguousarray(dt.reshape(self.d, -1)), self.down_t.fmt, len(rows)))
 
     def matrices(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """The given neurons' rows dequantized: gate (gated FFNs), up, down, each fp32 [n, d]; down from W_down as
@@ -155,6 +166,16 @@ class QNeurons:
         out = {name: m.dequantize(rows) for name, m in (("gate", self.gate), ("up", self.up)) if m is not None}
         down = self.down.dequantize(rows) if self.down_t is None else self.down_t.dequantize().T[rows]
         return {**out, "down": down.contiguous()}
+
+
+def whole_blocks(rows: np.ndarray) -> np.ndarray | None:
+    """The block ids when ``rows`` (non-empty) are whole aligned 32-neuron blocks, each in order; else None."""
+    rows = np.asarray(rows)
+    if len(rows) == 0 or len(rows) % QK:
+        return None
+    starts = rows.reshape(-1, QK)[:, 0]
+    ok = bool((starts % QK == 0).all() and (rows.reshape(-1, QK) == starts[:, None] + np.arange(QK)).all())
+    return starts // QK if ok else None
 
 
 def quantize_x(x: torch.Tensor) -> torch.Tensor:
@@ -207,6 +228,8 @@ def qffn(x: torch.Tensor, w: QNeurons, idx: torch.Tensor | None, act: str, num_t
         if rc != 0:
             raise MemoryError("quantized FFN kernel could not allocate its activation buffers")
         return y, rows.shape[0] * w.num_neurons
+    if w.down is None:
+        raise ValueError("this shard holds W_down's blocks, not down rows: it runs dense passes only")
     idx = torch.arange(w.num_neurons) if idx is None else idx.to(torch.int64).contiguous()
     m = None if row_mask is None else row_mask.to(torch.uint8).contiguous()
     used = ctypes.c_int64(0)
@@ -253,4 +276,4 @@ def embed_rows(w: QMatrix, tokens: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["BLOCK_BYTES", "QMatrix", "QNeurons", "attention_decode", "available_isas", "embed_rows", "qffn", "qlinear",
-           "quantize_x", "set_isa"]
+           "quantize_x", "set_isa", "whole_blocks"]
