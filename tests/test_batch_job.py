@@ -53,6 +53,37 @@ def test_torn_last_line_is_cut_before_appending(tmp_path: Path) -> None:
         finished_ids(out)
 
 
+def test_a_record_without_its_newline_is_not_done(tmp_path: Path) -> None:
+    """A full disk can stop a write right before the newline: the record is redone, the next starts a new line."""
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "a"}\n{"id": "b"}')
+    assert finished_ids(out) == {"a"} and out.read_text() == '{"id": "a"}\n'
+
+
+def test_poison_lines_go_to_the_errors_file_and_the_job_finishes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    good = [json.dumps({"id": f"g{i}", "prompt": f"item {i}:", "max_tokens": 4}).encode() for i in range(3)]
+    poison = [b"[" * 100_000,                                                  # RecursionError in json
+              b'{"id": "u", "prompt": "caf\xe9"}',                             # not UTF-8
+              b'{"id": "s", "prompt": "a \\ud800 b"}',                        # a lone surrogate in the prompt
+              b'{"id": "\\udfff", "prompt": "x"}',                            # ... in the id
+              b'{"id": "big", "prompt": "x", "seed": 100000000000000000000000}',
+              b'{"id": "cold", "prompt": "x", "max_tokens": 4, "temperature": 1e-40}']    # greedy: fine
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_bytes(b"\n".join([good[0], *poison, *good[1:]]) + b"\n")
+    cmd = [*PINFER, "batch", "--input", str(inp), "--output", str(out), "--model", str(tiny_model_dir), "--local",
+           "--threads", "1", "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(finished_ids(out)) == ["cold", "g0", "g1", "g2"]
+    errors = [json.loads(line) for line in Path(str(out) + ".errors.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in errors] == [2, 3, 4, 5, 6]
+    assert "nested too deeply" in errors[0]["error"] and "UTF-8" in errors[1]["error"]
+    assert all("surrogate" in e["error"] for e in errors[2:4]) and "seed" in errors[4]["error"]
+    bad_dir = subprocess.run([*cmd[:7], str(tmp_path / "nowhere" / "out.jsonl"), *cmd[8:]], capture_output=True,
+                             text=True, timeout=60)
+    assert bad_dir.returncode != 0 and "no directory" in bad_dir.stderr
+
+
 def test_killed_job_resumes_without_losing_or_duplicating(tiny_model_dir: Path, tmp_path: Path) -> None:
     inp, out = _input(tmp_path), tmp_path / "out.jsonl"
     cmd = [*PINFER, "batch", "--input", str(inp), "--output", str(out), "--model", str(tiny_model_dir),

@@ -142,6 +142,12 @@ BAD_REQUESTS = [   # (path, body, status, param)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 7}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
     ("/v1/nowhere", {}, 404, None),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", 400, None),   # 4300+ digits
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10**100}, 400, None),
+    ("/v1/completions", b'{"prompt": "a \\ud800 b"}', 400, "prompt"),                       # a lone surrogate
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, "messages"),
+    ("/v1/completions", {"prompt": "x", "stop": [f"s{i}" for i in range(17)]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": ["z" * 1001]}, 400, "stop"),
 ]
 
 
@@ -160,6 +166,8 @@ def test_user_errors_are_4xx_json_and_the_server_keeps_serving(server: Backgroun
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
     assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
+    tiny = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=1e-40).choices[0].text
+    assert tiny == client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0).choices[0].text
 
 
 async def _stream_text(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, str | None]:
@@ -192,15 +200,21 @@ def test_32_concurrent_streams_one_hung_up_leave_nothing_behind(server: Backgrou
     want = {p: llm.generate(p, greedy(LOAD_TOKENS))[0].text for p in LOAD_PROMPTS}      # each alone
     aborted_before = llm.stats().num_aborted
 
+    def client() -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    async def warm() -> None:                           # the connection path and the server's tokenizing thread
+        async with client() as c:
+            await _stream_text(c, PROMPT)
+
     async def run() -> tuple[list[tuple[str, str | None]], int]:
-        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
-                                      timeout=120) as client:
-            await _stream_text(client, PROMPT)                                  # warm the connection path
+        async with client() as client_:
             prompts = [LOAD_PROMPTS[i % len(LOAD_PROMPTS)] for i in range(NUM_STREAMS - 1)]
             hang_up = _stream_then_hang_up(server.url, "Once upon a time")
-            *results, seen = await asyncio.gather(*(_stream_text(client, p) for p in prompts), hang_up)
+            *results, seen = await asyncio.gather(*(_stream_text(client_, p) for p in prompts), hang_up)
             return list(zip(prompts, results)), seen
 
+    asyncio.run(warm())
     threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
     t0 = time.perf_counter()
     results, seen = asyncio.run(run())

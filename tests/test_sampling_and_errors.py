@@ -7,6 +7,7 @@ import pytest
 
 from runtime import LLM, SamplingParams
 from runtime.errors import InvalidRequestError
+from runtime.sampling import Sampler
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def llm(tiny_model_dir: Path) -> LLM:
 @pytest.mark.parametrize("bad", [
     dict(max_tokens=0), dict(max_tokens=-3), dict(max_tokens=2.5), dict(temperature=-0.1),
     dict(temperature=float("nan")), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(seed=-1),
-    dict(stop=[""]), dict(stop=[3]),
+    dict(seed=2**64), dict(seed=1e23), dict(stop=[""]), dict(stop=[3]),
 ])
 def test_invalid_sampling_values_are_rejected(bad: dict) -> None:
     with pytest.raises(InvalidRequestError) as e:
@@ -41,6 +42,31 @@ def test_greedy_is_deterministic_and_equals_top_k_1(llm: LLM) -> None:
     again = llm.generate("abc", SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))[0]
     topk1 = llm.generate("abc", SamplingParams(max_tokens=10, temperature=1.0, top_k=1, ignore_eos=True))[0]
     assert greedy.token_ids == again.token_ids == topk1.token_ids
+
+
+def test_a_tiny_temperature_is_greedy(llm: LLM) -> None:
+    """1e-40 would overflow the logits to inf and the probabilities to NaN: below 1e-5 it means greedy."""
+    greedy = llm.generate("abc", SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))[0]
+    tiny = llm.generate("abc", SamplingParams(max_tokens=10, temperature=1e-40, ignore_eos=True))[0]
+    assert tiny.token_ids == greedy.token_ids
+
+
+def test_an_error_in_one_request_fails_it_alone(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = Sampler.__call__
+
+    def flaky(self: Sampler, logits):
+        if self.params.seed == 13:
+            raise RuntimeError("the sampler broke")
+        return real(self, logits)
+
+    monkeypatch.setattr(Sampler, "__call__", flaky)
+    engine = llm._requests()
+    bad = engine.submit("abc", SamplingParams(max_tokens=8, temperature=0.7, seed=13, ignore_eos=True))
+    good = engine.submit("abc", SamplingParams(max_tokens=8, temperature=0.7, seed=1, ignore_eos=True))
+    with pytest.raises(RuntimeError, match="the sampler broke"):
+        bad.result()
+    assert len(good.result().token_ids) == 8                        # batched with it, unharmed
+    assert len(llm.generate("abc", SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
 
 
 def test_seed_makes_sampling_reproducible(llm: LLM) -> None:

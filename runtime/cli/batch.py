@@ -7,13 +7,17 @@ import sys
 from pathlib import Path
 
 from runtime.cli.args import add_engine_args, add_sampling_args, llm_from_args
-from runtime.serving.batch_job import SAMPLING_FIELDS, BatchJob
+from runtime.serving.batch_job import SAMPLING_FIELDS, BatchJob, finished_ids
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
     if not args.input.is_file():
         raise FileNotFoundError(f"no input file {args.input}")
     errors = args.errors or args.output.with_name(args.output.name + ".errors.jsonl")
+    for path in (args.output, errors):                    # before the model loads: a bad path fails at once
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"no directory {path.parent} for {path}")
+    finished_ids(args.output)                             # an output that is not one of ours is refused now too
     defaults = {k: getattr(args, k) for k in SAMPLING_FIELDS if k != "ignore_eos"}
     llm = None
     if args.engine:                       # a served engine (`pinfer serve`) on the cluster

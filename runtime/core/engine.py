@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -28,7 +28,7 @@ from runtime.errors import EngineDeadError, InvalidRequestError
 from runtime.model.tokenizer import IncrementalDetokenizer, TextTokenizer
 from runtime.model.transformer import StepInput
 from runtime.outputs import EngineStats, RequestOutput, StreamChunk
-from runtime.sampling import Sampler, SamplingParams
+from runtime.sampling import Sampler, SamplingParams, brief
 from scheduler.batching import BatchScheduler
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._threads = torch.get_num_threads()
         self._closed = False
+        # Prompts submitted from an event loop are tokenized here (one thread: a long prompt never blocks the loop).
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pinfer-tokenize")
 
     # ---- requests (any thread) -----------------------------------------------------------------
     def submit(self, prompt: str, params: SamplingParams, stream: bool = False, request_id: str | None = None,
@@ -81,9 +83,23 @@ class Engine:
             for h in handles:                 # on an error (or an interrupt), stop the rest as well
                 h.cancel()
 
+    async def _asubmit(self, prompt: str, params: SamplingParams, stream: bool = False,
+                       request_id: str | None = None) -> RequestHandle:
+        """``submit`` from an event loop: tokenizing a long prompt happens in a worker thread, never on the loop;
+        a caller cancelled meanwhile cancels the request it submitted."""
+        loop = asyncio.get_running_loop()
+        submitted = loop.run_in_executor(self._tokenizing, self.submit, prompt, params, stream, request_id,
+                                         loop if stream else None)
+        try:
+            return await asyncio.shield(submitted)
+        except asyncio.CancelledError:
+            submitted.add_done_callback(lambda f: None if f.cancelled() or f.exception() else f.result().cancel())
+            raise
+
     async def agenerate(self, prompt: str, params: SamplingParams) -> RequestOutput:
         """One prompt, awaitable; cancelling the awaiting task cancels the request."""
-        return await asyncio.wrap_future(self.submit(prompt, params).future)
+        handle = await self._asubmit(prompt, params)
+        return await asyncio.wrap_future(handle.future)
 
     def stream(self, prompt: str, params: SamplingParams, request_id: str | None = None) -> Iterator[StreamChunk]:
         """Chunks of new text as tokens arrive; closing the iterator early cancels the request."""
@@ -93,7 +109,7 @@ class Engine:
                       request_id: str | None = None) -> AsyncIterator[StreamChunk]:
         """``stream`` for an asyncio event loop, which never blocks on the engine; a bad request raises at the
         first chunk, closing early (or cancelling the iterating task) cancels it."""
-        handle = self.submit(prompt, params, request_id=request_id, loop=asyncio.get_running_loop())
+        handle = await self._asubmit(prompt, params, stream=True, request_id=request_id)
         async with aclosing(aiter(handle)) as chunks:
             async for chunk in chunks:
                 yield chunk
@@ -131,13 +147,18 @@ class Engine:
             self._cv.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
+        self._tokenizing.shutdown(wait=False)
 
     def _sequence(self, prompt: str, params: SamplingParams, request_id: str) -> Sequence:
         """Tokenize and check one request; raises InvalidRequestError before any work is done."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if not isinstance(prompt, str) or not prompt:
-            raise InvalidRequestError(f"prompt must be a non-empty string, got {prompt!r}")
+            raise InvalidRequestError(f"prompt must be a non-empty string, got {brief(prompt)}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(f"prompt is not valid Unicode text: a lone surrogate at {e.start}") from None
         ids = self.tokenizer.encode(prompt)
         if not ids:
             raise InvalidRequestError("prompt encodes to zero tokens")
@@ -229,19 +250,29 @@ class Engine:
             logits = self.runner.forward(tokens, StepInput.build([0], len(s.prompt_ids), [s.slot]), self.cache)
             s.first_token = time.perf_counter()
             s.metrics["prefill_s"] = s.first_token - t0
-            s.append(s.sampler(logits[0]), self.eos_ids)
-            self._emit(s)
+            self._advance(s, logits[0])
         running = [s for s in self.batch.running if not s.is_finished]
         if running:
             tokens = torch.tensor([[s.output_ids[-1]] for s in running])                    # [B, 1]
             step = StepInput.build([s.next_position for s in running], 1, [s.slot for s in running])
             logits = self.runner.forward(tokens, step, self.cache)                            # [B, V]
             for row, s in enumerate(running):
-                s.append(s.sampler(logits[row]), self.eos_ids)
-                self._emit(s)
+                self._advance(s, logits[row])
         for s in [s for s in self.batch.running if s.is_finished]:
             self.num_finished += 1
             self.batch.finish(s)
+
+    def _advance(self, s: Sequence, logits: torch.Tensor) -> None:
+        """Sample, record and hand out one token of ``s`` (logits [V]): a failure there (sampling, detokenizing,
+        stop strings) fails this request alone, never the batch it runs in."""
+        try:
+            s.append(s.sampler(logits), self.eos_ids)
+            self._emit(s)
+        except Exception as e:
+            logger.warning("request %s failed: %s", s.request_id, e)
+            s.finish("abort")
+            self.batch.finish(s)
+            s.handle.fail(e)
 
     def _reserve(self, length: int) -> None:
         """Make the KV cache hold ``length`` positions in every slot (grown, never shrunk, while busy)."""

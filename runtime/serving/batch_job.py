@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.api import EngineClient
-from runtime.errors import InvalidRequestError, PinferError
+from runtime.errors import InvalidRequestError
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
 
@@ -58,20 +58,21 @@ class Summary:
 
 
 def finished_ids(output: Path) -> set[str]:
-    """Ids already in ``output``; a torn last line (a kill mid-write) is cut off so appends stay valid JSONL."""
+    """Ids already in ``output``. A record counts only with its newline: a torn last line (a kill or a full disk
+    mid-write, even one that stopped right before the newline) is cut off and redone, so appends stay valid JSONL."""
     if not output.exists():
         return set()
     done: set[str] = set()
     with output.open("r+b") as f:
         good_end = 0
         for raw in iter(f.readline, b""):
+            if not raw.endswith(b"\n"):
+                break
             try:
                 done.add(str(json.loads(raw)["id"]))
             except (ValueError, KeyError, TypeError):
-                if raw.endswith(b"\n"):
-                    raise ValueError(f"{output} has a corrupt line at byte {good_end}; it is not a pinfer "
-                                     f"batch output (move it away to start over)") from None
-                break
+                raise ValueError(f"{output} has a corrupt line at byte {good_end}; it is not a pinfer "
+                                 f"batch output (move it away to start over)") from None
             good_end = f.tell()
         if good_end != f.seek(0, os.SEEK_END):
             logger.warning("dropping a torn last line from %s", output)
@@ -79,16 +80,24 @@ def finished_ids(output: Path) -> set[str]:
     return done
 
 
-def parse_jobs(lines: Iterator[str], defaults: dict[str, Any], errors: Callable[[int, Any, str], None]) -> Iterator[Job]:
-    """Valid jobs in input order; malformed lines and duplicate ids are reported through ``errors``."""
+def parse_jobs(lines: Iterator[str | bytes], defaults: dict[str, Any],
+               errors: Callable[[int, Any, str], None]) -> Iterator[Job]:
+    """Valid jobs in input order; lines that are not UTF-8, malformed or too deeply nested JSON, invalid fields
+    and duplicate ids are reported through ``errors``."""
     seen: set[str] = set()
     for n, line in enumerate(lines, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                errors(n, None, f"not UTF-8 text: {e}")
+                continue
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-        except ValueError as e:
-            errors(n, None, f"malformed JSON: {e}")
+        except (ValueError, RecursionError) as e:
+            errors(n, None, f"malformed JSON: {e}" if isinstance(e, ValueError) else "JSON nested too deeply")
             continue
         if not isinstance(obj, dict):
             errors(n, None, f"a line must be a JSON object, got {type(obj).__name__}")
@@ -109,7 +118,23 @@ def parse_jobs(lines: Iterator[str], defaults: dict[str, Any], errors: Callable[
         yield Job(n, str(rid), obj.get("prompt"), obj.get("messages"), params)
 
 
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a string anywhere in ``value`` holds a lone UTF-16 surrogate (JSON allows "\\ud800"; UTF-8 cannot
+    encode it, so neither the tokenizer nor the output file could take it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    return isinstance(value, list) and any(_has_lone_surrogate(v) for v in value)
+
+
 def _check_line(obj: dict[str, Any]) -> str | None:
+    if _has_lone_surrogate(obj):
+        return "a string holds a lone surrogate (not valid Unicode text)"
     unknown = sorted(set(obj) - LINE_FIELDS)
     if unknown:
         return f"unknown field(s) {unknown}; allowed: {sorted(LINE_FIELDS)}"
@@ -143,12 +168,13 @@ class BatchJob:
         t0 = time.perf_counter()
         done = finished_ids(output)
         lock = threading.Lock()
-        with input_path.open(encoding="utf-8") as f_in, output.open("a", encoding="utf-8") as f_out, \
+        with input_path.open("rb") as f_in, output.open("a", encoding="utf-8") as f_out, \
                 errors_path.open("w", encoding="utf-8") as f_err:
 
             def write(f, record: dict[str, Any]) -> None:
+                text = json.dumps(record, ensure_ascii=f is f_err) + "\n"      # an error may quote bad text: escaped
                 with lock:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    f.write(text)
                     f.flush()
                     os.fsync(f.fileno())
 
@@ -175,7 +201,7 @@ class BatchJob:
                         job = pending.pop(fut)
                         try:
                             out = fut.result()
-                        except PinferError as e:          # bad prompt, dead engine: this line only
+                        except Exception as e:  # noqa: BLE001 - bad prompt, failed request, dead engine: this line only
                             error(job.line, job.id, f"{type(e).__name__}: {e}")
                         else:
                             write(f_out, {"id": job.id, "line": job.line, "text": out.text,

@@ -26,6 +26,7 @@ from runtime.errors import EngineDeadError, InvalidRequestError
 from runtime.serving.openai_protocol import ApiError, GenerationRequest, Reply, invalid_request, parse_request, root_cause, \
     show, sse
 from runtime.outputs import StreamChunk
+from runtime.sampling import brief
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ class OpenAIApi:
     async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
         try:
             body = json.loads(await request.read())
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:        # bad UTF-8 or JSON, too deep, an integer of 4300+ digits
+            raise ApiError(400, f"the request body is not valid JSON: {brief(str(e), 200)}") from None
         if isinstance(body, dict):
             self._check_model(body.get("model"))
         req = parse_request(kind, body)

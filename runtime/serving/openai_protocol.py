@@ -12,7 +12,7 @@ from aiohttp import web
 
 from runtime.errors import InvalidRequestError
 from runtime.outputs import RequestOutput
-from runtime.sampling import SamplingParams
+from runtime.sampling import SamplingParams, brief
 
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}      # 16: OpenAI's own default for /v1/completions
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -70,6 +70,8 @@ class GenerationRequest:
 
 def show(value: Any, limit: int = 80) -> str:
     """A bad value as JSON, cut short: error messages echo what was sent, not all of it."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return brief(value)
     text = json.dumps(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -105,8 +107,6 @@ def _sampling(body: dict[str, Any], default_max_tokens: int) -> SamplingParams:
     elif stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise ApiError(400, f"stop must be a string or an array of strings, got {show(stop)}", param="stop")
     top_k, seed = _get(body, "top_k", int, 0), _get(body, "seed", int)
-    if seed is not None and seed >= 2**64:                 # torch's generator takes a 64-bit seed
-        raise ApiError(400, f"seed must be below 2**64, got {seed}", param="seed")
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=float(_get(body, "temperature", (int, float), 1.0)),
                               top_p=float(_get(body, "top_p", (int, float), 1.0)), top_k=0 if top_k == -1 else top_k,
@@ -127,16 +127,25 @@ def _prompt(body: dict[str, Any]) -> str:
                        param="prompt")
     if not prompt:
         raise ApiError(400, "prompt must not be empty", param="prompt")
-    return prompt
+    return _text(prompt, "prompt", "prompt")
+
+
+def _text(value: str, where: str, param: str) -> str:
+    """``value``, if UTF-8 can carry it (JSON's "\\ud800" escapes make lone surrogates no tokenizer takes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{where} is not valid Unicode text: a lone surrogate at {e.start}", param=param) from None
+    return value
 
 
 def _content(content: Any, where: str) -> str:
     """A message's text: a string, or the text parts of a content array."""
     if isinstance(content, str):
-        return content
+        return _text(content, f"{where}.content", "messages")
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
+        return _text("".join(p["text"] for p in content), f"{where}.content", "messages")
     raise ApiError(400, f"{where}.content must be a string or an array of text parts", param="messages")
 
 
