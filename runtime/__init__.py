@@ -1,10 +1,13 @@
 """pinfer: the public API (``LLM``, ``SamplingParams``, ``EngineConfig``) of the PowerInfer-style engine."""
 import os
 
-# pinfer's sparse FFN kernel runs OpenMP threads in torch's own pool; with the default active wait,
-# threads left spinning after each torch op take the cores from it (10x slower on 2 cores). Must be
-# set before torch starts its OpenMP runtime.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from runtime.hybrid.cluster import RAY_ENV
+
+# Set before torch and Ray read them, at their import: OMP_WAIT_POLICY=PASSIVE (pinfer's kernels run OpenMP
+# threads beside torch's; with the default active wait, threads left spinning after each torch op take the
+# cores from them, 10x slower on 2 cores), Ray's token authentication and worker niceness.
+for _key, _value in RAY_ENV.items():
+    os.environ.setdefault(_key, _value)
 from runtime.config import EngineConfig  # noqa: E402
 from runtime.outputs import EngineStats, RequestOutput, StreamChunk  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402

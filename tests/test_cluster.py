@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.hybrid.cluster import RAY_ENV
+from runtime.hybrid.cluster import RAY_ENV, ensure_auth_token
 
 VENV_BIN = Path(sys.executable).parent
 CLIENT = """
@@ -65,6 +65,7 @@ def _free_port() -> int:
 def ray_head(tmp_path_factory: pytest.TempPathFactory):
     env = dict(os.environ, **RAY_ENV)
     env.pop("RAY_ADDRESS", None)
+    ensure_auth_token()                                 # as the README's `ray start` steps do
     port = _free_port()
     subprocess.run([str(VENV_BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
                     "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from runtime.evals.harness import EvalConfig, run_humaneval, sample_seed
 from runtime.evals.humaneval import Problem, build_prompt, code_blocks, extract_code, load_problems, solution_source
 from runtime.evals.passk import mean_pass_at_k, pass_at_k
-from runtime.evals.sandbox import Sandbox, SandboxLimits, run_program
+from runtime.evals.sandbox import Sandbox, SandboxLimits, isolation_report, namespaces_available, run_program
 
 FAST = SandboxLimits(timeout_s=2.0)
 
@@ -40,11 +41,37 @@ def test_every_canonical_solution_passes(problems: dict[str, Problem]) -> None:
     ("    import sys\n    sys.exit(0)\n", "error", "exited"),                    # an early exit never ran check()
     ("    import os\n    os._exit(0)\n", "error", "PermissionError"),
     ("    import subprocess\n    subprocess.run(['true'])\n", "error", "PermissionError"),
+    ("    import posix\n    posix._exit(0)\n", "error", "no completion token"),      # a faked pass
 ])
 def test_broken_completions_do_not_pass(problems: dict[str, Problem], body: str, status: str, detail: str) -> None:
     p = problems["HumanEval/0"]
     r = run_program(p.program(p.prompt + body), FAST)
     assert (r.status, r.passed) == (status, False) and detail in r.detail, r
+
+
+@pytest.mark.skipif(not namespaces_available(), reason="unshare cannot make namespaces here (needs root)")
+def test_hostile_programs_cannot_reach_the_network_the_harness_or_outlive_the_timeout(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as server:                    # a loopback service (the HTTP API or Ray would do)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        r = run_program(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\n", FAST)
+        assert r.status == "error" and ("Errno" in r.detail or "refused" in r.detail), r
+    me = os.getpid()
+    r = run_program(f"print(open('/proc/{me}/environ', 'rb').read()[:40])\n", FAST)       # the harness's secrets
+    assert r.status == "error" and "FileNotFoundError" in r.detail, r
+    r = run_program(f"import posix, signal\nposix.kill({me}, signal.SIGKILL)\n", FAST)   # kill the harness
+    assert r.status == "error" and "ProcessLookupError" in r.detail, r
+    marker = tmp_path / "late.txt"                      # a child left behind writes after the timeout
+    r = run_program(f"import posix, time\nif posix.fork() == 0:\n    posix.setsid()\n    time.sleep(3)\n"
+                    f"    posix.write(posix.open({str(marker)!r}, posix.O_WRONLY | posix.O_CREAT), b'x')\n"
+                    f"    posix._exit(0)\ntime.sleep(60)\n", FAST)
+    assert r.status == "timeout", r
+    time.sleep(4)
+    assert not marker.exists()
+    assert "namespaces" in isolation_report()
 
 
 def test_programs_cannot_touch_files_outside_their_private_dir(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from runtime.evals.humaneval import FORMATS, Problem, PromptFormat, build_prompt
     stop_strings
 from runtime.evals.passk import mean_pass_at_k
 from runtime.evals.results import ResultStore, RunSettings, SampleRecord, sidecar, write_json
-from runtime.evals.sandbox import ExecResult, Sandbox, SandboxLimits
+from runtime.evals.sandbox import ExecResult, Sandbox, SandboxLimits, isolation_report
 from runtime.config import EngineConfig
 from runtime.llm import LLM
 from runtime.model.registry import open_model
@@ -176,6 +176,7 @@ def _generate_and_judge(cfg: EvalConfig, llm: LLM, store: ResultStore, todo: lis
         return llm.generate([prompt], [params])[0]
 
     t0 = time.perf_counter()
+    logger.warning("%s", isolation_report())                 # what holds against hostile completions, said once
     with Sandbox(cfg.num_workers, SandboxLimits(cfg.timeout_s, cfg.memory_mb)) as sandbox, \
             ThreadPoolExecutor(cfg.batch_size, thread_name_prefix="humaneval-gen") as pool:
         answers = {pool.submit(generate, item): item for item in todo}

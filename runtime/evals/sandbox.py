@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -39,7 +41,7 @@ class SandboxLimits:
 
 @dataclass(slots=True, frozen=True)
 class ExecResult:
-    status: Status          # passed: exit 0; failed: an AssertionError; timeout; error: anything else
+    status: Status          # passed: its last line ran; failed: an AssertionError; timeout; error: anything else
     detail: str             # "" when passed, else the last line of the error output or what killed it
     elapsed_s: float
     output: str = ""        # stdout + stderr, truncated
@@ -49,14 +51,40 @@ class ExecResult:
         return self.status == "passed"
 
 
+# Own network, PID and mount namespaces (a private /proc): no network, no view of (or signal to) the harness or
+# any process but its own, and every process it starts dies with it. Needs root (or user namespaces).
+NAMESPACES = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc"]
+
+
+@cache
+def namespaces_available() -> bool:
+    """Whether ``unshare`` can give a program its own namespaces here (checked once)."""
+    try:
+        return subprocess.run([*NAMESPACES, "true"], capture_output=True, timeout=30, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def isolation_report() -> str:
+    """What the sandbox enforces on this machine, and what it does not (said once at the start of an eval)."""
+    ns = ("own network, PID and mount namespaces (no network; neither the harness nor its environment visible "
+          "or signalable; every process killed at the timeout)" if namespaces_available() else
+          "NO namespaces (unshare unavailable: the program shares the network and can see other processes)")
+    return (f"sandbox: {ns}; resource limits; a pass needs the completion token written after the last line; "
+            f"not enforced: a user of its own and a read-only file system (file changes outside its directory "
+            f"are refused at the Python level only)")
+
+
 def _minimal_env(home: str) -> dict[str, str]:
     """No proxies, tokens or Python variables from the parent; HOME and TMPDIR are the sandbox."""
     return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
 
 
-def _classify(returncode: int, output: str) -> tuple[Status, str]:
-    if returncode == 0:
+def _classify(returncode: int, output: str, completed: bool) -> tuple[Status, str]:
+    if returncode == 0 and completed:
         return "passed", ""
+    if returncode == 0:
+        return "error", "exited with status 0 before its last line ran (no completion token)"
     lines = [ln for ln in output.strip().splitlines() if ln.strip()]
     last = lines[-1].strip() if lines else ""
     if returncode < 0:
@@ -85,21 +113,36 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> ExecRe
     root = tempfile.mkdtemp(prefix="pinfer-eval-")          # mode 0700
     try:
         (Path(root) / "program.py").write_text(program, encoding="utf-8")
+        token = secrets.token_hex(16).encode()
+        token_r, token_w = os.pipe()
+        done_r, done_w = os.pipe()
+        os.write(token_w, token)
+        os.close(token_w)
         cmd = [sys.executable, "-I", "-B", str(BOOT), str(limits.memory_mb * 2**20), str(int(limits.timeout_s) + 1),
-               str(limits.file_size_mb * 2**20), str(limits.num_files), "program.py"]
-        with tempfile.TemporaryFile() as out:                   # unnamed: the program cannot reach it by path
-            proc = subprocess.Popen(cmd, cwd=root, env=_minimal_env(root), stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
-            try:
-                is_done = _wait_unreaped(proc.pid, limits.timeout_s)
-            finally:
-                _kill_group(proc)
-            is_flooded = out.seek(0, os.SEEK_END) >= limits.file_size_mb * 2**20
-            output = _read_ends(out, limits.output_chars)
+               str(limits.file_size_mb * 2**20), str(limits.num_files), "program.py", str(token_r), str(done_w)]
+        try:
+            with tempfile.TemporaryFile() as out:               # unnamed: the program cannot reach it by path
+                proc = subprocess.Popen([*NAMESPACES, *cmd] if namespaces_available() else cmd, cwd=root,
+                                        env=_minimal_env(root), stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                                        pass_fds=(token_r, done_w))
+                os.close(done_w)
+                done_w = -1
+                try:
+                    is_done = _wait_unreaped(proc.pid, limits.timeout_s)
+                finally:
+                    _kill_group(proc)
+                completed = os.read(done_r, len(token) + 1) == token        # every writer is dead: no blocking
+                is_flooded = out.seek(0, os.SEEK_END) >= limits.file_size_mb * 2**20
+                output = _read_ends(out, limits.output_chars)
+        finally:
+            for fd in (token_r, done_r, done_w):
+                if fd >= 0:
+                    os.close(fd)
         elapsed = time.perf_counter() - t0
         if not is_done:
             return ExecResult("timeout", f"timed out after {limits.timeout_s:g}s", elapsed, output)
-        status, detail = _classify(proc.returncode, output)
+        status, detail = _classify(proc.returncode, output, completed)
         if is_flooded and status != "passed":
             detail = f"output reached the {limits.file_size_mb} MiB file size limit"
         return ExecResult(status, detail, elapsed, output)

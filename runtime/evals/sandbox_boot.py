@@ -1,7 +1,8 @@
 """Child-side start of a sandboxed program: set resource limits, install guards, run the program.
 
-Run as ``python -I -B sandbox_boot.py AS_BYTES CPU_S FSIZE_BYTES NOFILE PROGRAM`` with the sandbox
-directory as cwd. Standalone on purpose (isolated mode puts no project path on ``sys.path``). Limits
+Run as ``python -I -B sandbox_boot.py AS_BYTES CPU_S FSIZE_BYTES NOFILE PROGRAM TOKEN_FD DONE_FD`` with the
+sandbox directory as cwd: the harness's completion token is read from TOKEN_FD (then closed) and written to
+DONE_FD only after the program's last line ran, so an exit status alone (``os._exit(0)``) never counts as a pass. Standalone on purpose (isolated mode puts no project path on ``sys.path``). Limits
 are set here rather than in ``preexec_fn`` because the parent forks from a thread pool, where
 ``preexec_fn`` is unsafe. The guards stop accidental damage (forks, signals, file changes outside
 the sandbox directory); they are not a jail against deliberately hostile code.
@@ -83,11 +84,13 @@ def install_guards(root: str) -> None:
 
 def main() -> None:
     as_bytes, cpu_s, fsize, nofile = (int(a) for a in sys.argv[1:5])
-    path = sys.argv[5]
+    path, token_fd, done_fd = sys.argv[5], int(sys.argv[6]), int(sys.argv[7])
+    with os.fdopen(token_fd, "rb") as f:
+        token = f.read()
     with open(path, encoding="utf-8") as f:
         source = f.read()
     root = os.path.realpath(os.getcwd())
-    exit_now, stderr = os._exit, sys.stderr
+    exit_now, stderr, write = os._exit, sys.stderr, os.write
     set_limits(as_bytes, cpu_s, fsize, nofile)
     install_guards(root)
     code = compile(source, path, "exec")
@@ -98,6 +101,7 @@ def main() -> None:
         stderr.flush()
         exit_now(3)
     sys.stdout.flush()
+    write(done_fd, token)
     exit_now(0)
 
 

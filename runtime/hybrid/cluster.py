@@ -1,13 +1,17 @@
 """Ray connection: attach to the cluster named by ``address`` or ``RAY_ADDRESS`` (``"auto"``: the local
-``ray start --head`` cluster), or else start an embedded one bound to localhost.
+``ray start --head`` cluster), or else start an embedded one.
 
 Without an address pinfer never probes for a cluster: on a shared machine "the latest cluster" may
-be somebody else's embedded one.
+be somebody else's embedded one. Ray's token authentication is on (``RAY_AUTH_MODE=token``): Ray's
+processes listen on the machine's interfaces, and every RPC and HTTP entry of the cluster asks for the
+token in ``~/.ray/auth_token`` (``RAY_AUTH_TOKEN_PATH`` elsewhere), which only its owner can read.
 """
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -15,21 +19,44 @@ NAMESPACE = "pinfer"
 # Environment every pinfer driver and cluster shares (see README, "Ray settings").
 RAY_ENV = {
     "RAY_worker_niceness": "0",                    # executors are Ray workers; default niceness 15 starves them
-    "RAY_AUTH_MODE": "disabled",                   # one auth mode everywhere: embedded init would enable tokens
+    "RAY_AUTH_MODE": "token",                      # the same on every node and client (see ensure_auth_token)
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",      # keep Ray's ports on loopback
     "RAY_USAGE_STATS_ENABLED": "0",
-    "OMP_WAIT_POLICY": "PASSIVE",                  # see runtime/__init__.py: spinning OpenMP threads starve the kernel
+    "OMP_WAIT_POLICY": "PASSIVE",                  # see runtime/__init__.py: spinning OpenMP threads starve the kernels
 }
+
+
+def ensure_auth_token() -> Path | None:
+    """Ray's token file, created (a random 256-bit token) if absent and readable by its owner only; None when
+    ``RAY_AUTH_TOKEN`` holds the token itself. Run before ``ray start`` or ``ray.init``."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:                  # another process made it meanwhile
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            logger.info("created Ray's authentication token at %s", path)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+    return path
 
 
 def ensure_ray(address: str | None = None, object_store_bytes: int = 512 * 2**20) -> bool:
     """Connect this process to Ray; returns True when it started an embedded cluster (then it owns it)."""
+    for key, value in RAY_ENV.items():          # (``import runtime`` set them already, before Ray's import)
+        os.environ.setdefault(key, value)
     import ray
 
     if ray.is_initialized():
         return False
-    for key, value in RAY_ENV.items():
-        os.environ.setdefault(key, value)
+    if os.environ["RAY_AUTH_MODE"] == "token":
+        ensure_auth_token()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         try:
