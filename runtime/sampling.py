@@ -7,7 +7,6 @@ import torch
 
 from runtime.errors import InvalidRequestError
 
-
 GREEDY_BELOW = 1e-5        # temperatures under this are greedy (as vLLM): dividing by them overflows the logits
 MAX_SEED = 2**63 - 1      # what torch's generator takes
 MAX_STOP, MAX_STOP_CHARS = 16, 1000     # every new token is checked against every stop string

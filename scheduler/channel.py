@@ -101,12 +101,25 @@ class LayerReply(NamedTuple):
 
 class ColdChannel:
     """Rings the cold executor and waits for its answers; a death, a timeout, an answer out of order or a
-    failure on its side becomes ``ColdExecutorError`` (the hot side never hangs)."""
+    failure on its side becomes ``ColdExecutorError`` (the hot side never hangs).
 
-    def __init__(self, bell: Doorbell, timeout_s: float = 60.0) -> None:
+    A hung (not dead) cold side is caught by a per-layer deadline sized to what layers took so far:
+    ``slack`` times the slowest answer per row seen, for the rows asked, but at least ``floor_s``;
+    ``timeout_s`` as a ceiling and for the first ``warmup`` layers (first touches of every layer's weights)."""
+
+    def __init__(self, bell: Doorbell, timeout_s: float = 60.0, floor_s: float = 5.0, slack: float = 50.0,
+                 warmup: int = 64) -> None:
         self._bell = bell
-        self._bell.settimeout(timeout_s)
         self._seq = 0
+        self.timeout_s, self.floor_s, self.slack, self.warmup = timeout_s, floor_s, slack, warmup
+        self._answered = 0
+        self._per_row_s: float | None = None          # the slowest answered layer's seconds per row
+        self._asked: tuple[int, int, float] = (0, 0, 0.0)     # (seq, rows, when) of the request in flight
+
+    def deadline_s(self, num_rows: int) -> float:
+        if self._per_row_s is None:
+            return self.timeout_s
+        return min(self.timeout_s, max(self.floor_s, self.slack * self._per_row_s * max(1, num_rows)))
 
     def request(self, layer: int, num_rows: int, op: int = Op.FFN) -> int:
         self._seq += 1
@@ -114,13 +127,17 @@ class ColdChannel:
             self._bell.send(op, self._seq, layer, num_rows)         # a LayerRequest
         except DoorbellClosed as e:
             raise ColdExecutorError(f"cold executor unreachable at layer {layer}: {e}") from e
+        self._asked = (self._seq, num_rows, time.perf_counter())
         return self._seq
 
     def wait(self, seq: int, layer: int) -> LayerReply:
+        _, rows, asked_at = self._asked
+        deadline = self.deadline_s(rows)
+        self._bell.settimeout(deadline)
         try:
             reply = LayerReply(*self._bell.recv())
         except TimeoutError as e:
-            raise ColdExecutorError(f"cold executor did not answer layer {layer} in time") from e
+            raise ColdExecutorError(f"cold executor did not answer layer {layer} within {deadline:.1f}s (hung?)") from e
         except DoorbellClosed as e:
             raise ColdExecutorError(f"cold executor died during layer {layer}: {e}") from e
         except TypeError as e:
@@ -129,6 +146,11 @@ class ColdChannel:
             raise ColdExecutorError(f"cold executor answered seq {reply.seq} for seq {seq} (layer {layer})")
         if not reply.ok:
             raise ColdExecutorError(f"cold executor failed on layer {layer}: {reply.error}")
+        if layer >= 0:                                  # an FFN layer (not a ping): what a layer may take
+            self._answered += 1
+            if self._answered > self.warmup:
+                per_row = (time.perf_counter() - asked_at) / max(1, rows)
+                self._per_row_s = max(per_row, self._per_row_s or 0.0)
         return reply
 
     def ping(self) -> None:

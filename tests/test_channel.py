@@ -121,11 +121,29 @@ def test_silence_times_out_and_a_dead_peer_is_detected(bells) -> None:
     cold = accept()
     channel = ColdChannel(hot, timeout_s=0.2)
     seq = channel.request(3, 1)                            # nobody answers
-    with pytest.raises(ColdExecutorError, match="did not answer layer 3 in time"):
+    with pytest.raises(ColdExecutorError, match="did not answer layer 3 within 0.2s"):
         channel.wait(seq, 3)
     cold.close()                                           # the cold executor dies
     with pytest.raises(ColdExecutorError, match="died during layer 4|unreachable at layer 4"):
         channel.wait(channel.request(4, 1), 4)
+
+
+def test_a_hung_peer_is_caught_at_a_deadline_sized_to_the_layers_it_answered(bells) -> None:
+    """After the warm-up layers the deadline is slack x the slowest answer per row (floor_s at least), far below
+    timeout_s: a cold side that stops answering (hung, not dead) fails the layer that soon."""
+    hot, accept = bells
+    cold = accept()
+    channel = ColdChannel(hot, timeout_s=30, floor_s=0.3, slack=5, warmup=2)
+    assert channel.deadline_s(1) == 30
+    for layer in range(3):                                 # answered at once
+        seq = channel.request(layer, 1)
+        cold.recv()
+        cold.send(*LayerReply(seq, True, 0, 0, ""))
+        channel.wait(seq, layer)
+    assert channel.deadline_s(1) == pytest.approx(0.3) and channel.deadline_s(10**9) == 30
+    seq = channel.request(3, 1)                            # ... then silence
+    with pytest.raises(ColdExecutorError, match=r"did not answer layer 3 within 0.3s \(hung\?\)"):
+        channel.wait(seq, 3)
 
 
 class ColdSide:

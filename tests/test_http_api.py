@@ -231,6 +231,29 @@ def test_32_concurrent_streams_one_hung_up_leave_nothing_behind(server: Backgrou
     print(f"{NUM_STREAMS} streams x {LOAD_TOKENS} tokens in {elapsed:.1f}s")
 
 
+def test_requests_beyond_the_in_flight_limit_get_503_with_retry_after(llm: LLM) -> None:
+    from http.client import HTTPConnection
+
+    with BackgroundHttpServer(llm, max_in_flight=1) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        first = HTTPConnection(host, int(port), timeout=60)      # a long stream holds the one place
+        first.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 200, "stream": True,
+                                                             "ignore_eos": True}), {"Content-Type": "application/json"})
+        response = first.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
+        request = urllib.request.Request(srv.url + "/v1/completions", method="POST",
+                                         data=json.dumps({"prompt": PROMPT, "max_tokens": 2}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=60)
+        with e.value:
+            assert e.value.code == 503 and e.value.headers["Retry-After"] == "1"
+            assert json.loads(e.value.read())["error"]["code"] == "overloaded"
+        first.close()                                                        # hang up: the place frees
+        assert wait_until(lambda: srv.server.api.num_active == 0)
+        assert http(srv.url + "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 2}).encode())[0] == 200
+
+
 def test_pinfer_serve_http_through_a_ray_served_engine(tiny_model_dir: Path, tmp_path: Path) -> None:
     """``pinfer serve --http``: the hybrid engine as a Ray actor (embedded cluster) behind the API, reached
     through ``Client.agenerate`` / ``Client.astream``; SIGINT stops the server and the engine."""

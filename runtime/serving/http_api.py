@@ -31,14 +31,19 @@ from runtime.sampling import brief
 logger = logging.getLogger(__name__)
 
 
+MAX_IN_FLIGHT = 256          # generation requests at once (the engine's callers cap); more get 503 + Retry-After
+KEEPALIVE_S = 15.0           # an idle keep-alive connection is closed after this
+
+
 class OpenAIApi:
     """The route handlers over one backend."""
 
-    def __init__(self, backend: EngineClient) -> None:
+    def __init__(self, backend: EngineClient, max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.backend = backend
         self.model_name = backend.model_name
         self.created = int(time.time())
         self.num_active = 0                  # generation requests in flight (for tests and shutdown logs)
+        self.max_in_flight = max_in_flight
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_errors])
@@ -78,6 +83,9 @@ class OpenAIApi:
         if isinstance(body, dict):
             self._check_model(body.get("model"))
         req = parse_request(kind, body)
+        if self.num_active >= self.max_in_flight:
+            raise ApiError(503, f"the server has {self.num_active} requests in flight, its limit; retry shortly",
+                           code="overloaded", retry_after_s=1)
         if req.messages is not None:
             req.prompt = await self._chat_prompt(req.messages)
         self.num_active += 1
@@ -166,11 +174,13 @@ async def _errors(request: web.Request,
 class HttpServer:
     """The API on a listening socket of the current event loop: ``url = await start()``, ``await stop()``."""
 
-    def __init__(self, backend: EngineClient, host: str = "127.0.0.1", port: int = 8000) -> None:
-        self.api = OpenAIApi(backend)
+    def __init__(self, backend: EngineClient, host: str = "127.0.0.1", port: int = 8000,
+                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self.api = OpenAIApi(backend, max_in_flight)
         self.host, self.port = host, port
         # Cancelling a handler when its client disconnects is what aborts that client's request.
-        self._runner = web.AppRunner(self.api.app(), handler_cancellation=True, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(self.api.app(), handler_cancellation=True, shutdown_timeout=1.0,
+                                     keepalive_timeout=KEEPALIVE_S)
 
     async def start(self) -> str:
         await self._runner.setup()
@@ -197,8 +207,9 @@ class HttpServer:
 class BackgroundHttpServer:
     """``HttpServer`` on its own thread and event loop, for callers without one (tests, notebooks)."""
 
-    def __init__(self, backend: EngineClient, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.server = HttpServer(backend, host, port)
+    def __init__(self, backend: EngineClient, host: str = "127.0.0.1", port: int = 0,
+                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self.server = HttpServer(backend, host, port, max_in_flight)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="pinfer-http", daemon=True)
         self.url = ""

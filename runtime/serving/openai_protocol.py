@@ -26,9 +26,11 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop"
 class ApiError(Exception):
     """An error answered as OpenAI does: HTTP ``status`` and ``{"error": {message, type, param, code}}``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after_s = retry_after_s
 
     @property
     def body(self) -> dict[str, Any]:
@@ -36,7 +38,8 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:
-        return web.json_response(self.body, status=self.status)
+        headers = None if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+        return web.json_response(self.body, status=self.status, headers=headers)
 
 
 def root_cause(e: BaseException) -> BaseException:
