@@ -63,11 +63,43 @@ class Doorbell:
             pass
 
 
+DIR_PREFIX = "pinfer-bell-"      # + the owner's pid: directories of owners killed with -9 are swept
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                      # someone else's: alive
+        pass
+    return True
+
+
+def sweep_stale_dirs(root: str | None = None) -> int:
+    """Remove this user's doorbell directories whose owning process is gone (it died without closing them);
+    returns how many. A reused pid keeps its directory: nothing is removed that might be in use."""
+    removed = 0
+    for entry in os.scandir(root or tempfile.gettempdir()):
+        if not entry.name.startswith(DIR_PREFIX):
+            continue
+        try:
+            pid = int(entry.name[len(DIR_PREFIX):].split("-", 1)[0])
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid() or _is_alive(pid):
+                continue
+        except (ValueError, OSError):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 class DoorbellListener:
     """Listening end: a socket file in a private temporary directory; accepts one peer at a time."""
 
     def __init__(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="pinfer-")          # mode 0700
+        sweep_stale_dirs()
+        self._dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")          # mode 0700
         self.path = os.path.join(self._dir, "doorbell.sock")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock.bind(self.path)

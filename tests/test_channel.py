@@ -128,6 +128,23 @@ def test_silence_times_out_and_a_dead_peer_is_detected(bells) -> None:
         channel.wait(channel.request(4, 1), 4)
 
 
+def test_a_socket_dir_left_by_a_killed_owner_is_swept_by_the_next_listener() -> None:
+    code = ("from scheduler.doorbell import DoorbellListener; import time; l = DoorbellListener(); "
+            "print(l.path, flush=True); time.sleep(120)")
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    left = os.path.dirname(owner.stdout.readline().strip())
+    assert os.path.isdir(left)
+    owner.kill()                                           # kill -9: no close(), no cleanup
+    owner.wait(timeout=30)
+    owner.stdout.close()
+    mine = DoorbellListener()                              # another owner's live directory stays
+    try:
+        assert not os.path.exists(left) and os.path.isdir(os.path.dirname(mine.path))
+    finally:
+        mine.close()
+
+
 def test_a_hung_peer_is_caught_at_a_deadline_sized_to_the_layers_it_answered(bells) -> None:
     """After the warm-up layers the deadline is slack x the slowest answer per row (floor_s at least), far below
     timeout_s: a cold side that stops answering (hung, not dead) fails the layer that soon."""

@@ -37,7 +37,7 @@ def _listening(pids: set[int]) -> list[tuple[str, int, str]]:
     return out
 
 
-def _client(gcs: str, env: dict[str, str], timeout: float = 20) -> tuple[bool, str]:
+def _client(gcs: str, env: dict[str, str], timeout: float = 10) -> tuple[bool, str]:
     """(connected, its stderr) of a Ray client of ``gcs`` (a refused one retries until the timeout)."""
     try:
         r = subprocess.run([sys.executable, "-c", CONNECT, gcs], env=env, capture_output=True, text=True, check=False,
