@@ -22,6 +22,7 @@ SPARSITY_MODES = ("dense", "gate", "predictor", "down")
 WEIGHT_FORMATS = ("q8", "q4", "fp32")
 PLACEMENTS = ("fraction", "topk", "ilp")
 # Options that only mean something on the hybrid runtime: setting one (and not is_hybrid) selects it.
+DEFAULT_SLOT_TOKENS = 2048     # default KV-cache budget: this many positions per batch slot (see kv_cache_tokens)
 HYBRID_OPTIONS = ("address", "hot_fraction", "placement", "memory_budget_mb", "tau_hot", "min_per_layer")
 
 
@@ -74,6 +75,9 @@ class EngineConfig:
     activation_sparsity: float = _option(0.0, "target share of inactive (token, neuron) pairs for the sparse modes")
     max_batch_size: int = _option(16, "sequences decoded together (KV-cache slots)")
     max_model_len: int | None = _option(None, "context length (default: the model's own)")
+    kv_cache_tokens: int | None = _option(None, "KV-cache budget in token positions, over all running sequences "
+                                                "(a request reserves prompt + max_tokens; default: max_batch_size "
+                                                "x min(max_model_len, 2048), at least max_model_len)")
     num_threads: int | None = _option(None, "torch threads of the in-process engine (default: all cores)",
                                       flag="--threads")
     gpu_threads: int | None = _option(None, "torch threads of the GPU executor (default 1)")
@@ -110,7 +114,7 @@ class EngineConfig:
             check(self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size!r}")
         if number("min_per_layer", int):
             check(self.min_per_layer >= 0, f"min_per_layer must be >= 0, got {self.min_per_layer!r}")
-        for name, low in (("max_model_len", 2), ("num_threads", 1), ("gpu_threads", 1), ("cpu_threads", 1)):
+        for name, low in (("max_model_len", 2), ("kv_cache_tokens", 2), ("num_threads", 1), ("gpu_threads", 1), ("cpu_threads", 1)):
             if getattr(self, name) is not None and number(name, int):
                 check(getattr(self, name) >= low, f"{name} must be >= {low} or null, got {getattr(self, name)!r}")
         for name in ("memory_budget_mb", "tau_hot"):
@@ -148,10 +152,12 @@ class EngineConfig:
 
     def for_model(self, model: str, context_len: int) -> "EngineConfig":
         """This config with what it left open decided for one model on this machine: the model's name, the
-        context length (at most the model's ``context_len``) and the thread counts."""
+        context length (at most the model's ``context_len``), the KV-cache budget and the thread counts."""
         cores = os.cpu_count() or 1
         gpu_threads = self.gpu_threads or 1
-        return replace(self, model=model, max_model_len=min(self.max_model_len or context_len, context_len),
+        max_len = min(self.max_model_len or context_len, context_len)
+        kv_tokens = self.kv_cache_tokens or max(max_len, self.max_batch_size * min(max_len, DEFAULT_SLOT_TOKENS))
+        return replace(self, model=model, max_model_len=max_len, kv_cache_tokens=kv_tokens,
                        num_threads=self.num_threads or cores, gpu_threads=gpu_threads,
                        cpu_threads=self.cpu_threads or max(1, cores - gpu_threads))
 

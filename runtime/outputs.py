@@ -35,4 +35,5 @@ class EngineStats:
     num_running: int                   # decoding
     num_finished: int                  # since start: ended by EOS, a stop string or max_tokens
     num_aborted: int                   # since start: cancelled while waiting or running
-    kv_cache_len: int                  # positions each KV-cache slot holds now (grows on demand)
+    kv_cache_len: int                  # positions each KV-cache row holds now (0: no cache; sized to what runs)
+    kv_cache_tokens: int = 0           # positions the KV cache holds now, all rows (at most the kv_cache_tokens budget)

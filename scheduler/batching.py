@@ -1,13 +1,15 @@
 """Continuous batching: which requests run in the next decoding step (pure Python, no torch, no Ray).
 
 Requests wait in arrival order; between steps, waiting ones take free cache slots (first come, first
-served, at most ``max_batch_size`` running) and finished or aborted ones leave, so a step always runs
-every admitted sequence together.
+served, at most ``max_batch_size`` running, and only while the caller's ``fits`` says the KV cache has
+room) and finished or aborted ones leave, so a step always runs every admitted sequence together. The
+lowest free slot is handed out first, which keeps the slots in use (and the cache rows) compact.
 """
 from __future__ import annotations
 
+import heapq
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, Protocol, TypeVar
 
 
@@ -26,17 +28,18 @@ class BatchScheduler(Generic[R]):
         self.max_batch_size = max_batch_size
         self.waiting: deque[R] = deque()
         self.running: list[R] = []
-        self._free = list(range(max_batch_size - 1, -1, -1))      # pop() hands out slot 0 first
+        self._free = list(range(max_batch_size))                  # a heap: the lowest free slot first
 
     def add(self, request: R) -> None:
         self.waiting.append(request)
 
-    def admit(self) -> list[R]:
-        """Move waiting requests into free slots; returns the newly admitted ones (to prefill)."""
+    def admit(self, fits: Callable[[R, int], bool] = lambda r, slot: True) -> list[R]:
+        """Move waiting requests into free slots, in order, while ``fits(request, slot)`` (the first that does not
+        waits, and so does everyone after it: nobody is overtaken); returns the newly admitted ones (to prefill)."""
         admitted = []
-        while self.waiting and self._free:
+        while self.waiting and self._free and fits(self.waiting[0], self._free[0]):
             r = self.waiting.popleft()
-            r.slot = self._free.pop()
+            r.slot = heapq.heappop(self._free)
             self.running.append(r)
             admitted.append(r)
         return admitted
@@ -44,7 +47,7 @@ class BatchScheduler(Generic[R]):
     def finish(self, request: R) -> None:
         """Take a running request out and free its slot."""
         self.running.remove(request)
-        self._free.append(request.slot)
+        heapq.heappush(self._free, request.slot)
 
     def remove(self, request_id: str) -> R | None:
         """Drop a request wherever it is (abort); returns it, or None if it is unknown or already gone."""

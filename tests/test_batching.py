@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from runtime import LLM, SamplingParams
+from runtime.errors import InvalidRequestError
 from scheduler.batching import BatchScheduler
 
 PROMPTS = ["abc", "hello world", "x = 1\n", "def f(", "zz", "The quick brown fox", "0123", "q"]
@@ -123,7 +125,67 @@ def test_kv_cache_grows_for_a_longer_request_while_others_run(llm: LLM, solo: di
         long_ = pool.submit(llm.generate, PROMPTS[4], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
         assert short.result(60)[0].token_ids == solo[PROMPTS[3]]
         assert long_.result(120)[0].token_ids[:12] == solo[PROMPTS[4]]
-    assert llm.stats().kv_cache_len >= len(long_.result()[0].prompt_token_ids) + 200
+    assert llm.stats().kv_cache_tokens == 0                           # idle: the cache is given back
+
+
+def test_scheduler_admits_only_what_fits_lowest_slot_first() -> None:
+    b: BatchScheduler[Req] = BatchScheduler(4)
+    reqs = [Req(f"r{i}") for i in range(4)]
+    for r in reqs:
+        b.add(r)
+    assert b.admit(lambda r, slot: slot < 2) == reqs[:2]             # r2 does not fit: it and r3 behind it wait
+    b.finish(reqs[0])
+    assert b.admit(lambda r, slot: r is not reqs[3]) == [reqs[2]] and reqs[2].slot == 0
+    assert b.admit() == [reqs[3]] and reqs[3].slot == 2
+
+
+def test_kv_cache_budget_refuses_what_never_fits_and_queues_what_fits_later(tiny_model_dir: Path) -> None:
+    llm = LLM(str(tiny_model_dir), max_batch_size=4, kv_cache_tokens=160)
+    try:
+        with pytest.raises(InvalidRequestError, match="KV-cache budget of 160"):
+            llm.generate("abc", SamplingParams(max_tokens=200))
+        params = SamplingParams(max_tokens=90, temperature=0.0, ignore_eos=True)    # two of them need 2 x 93 > 160
+        alone = [llm.generate(p, params)[0].token_ids for p in ("abc", "zz")]
+        first = llm.stream("abc", params)
+        first_ids = list(next(first).token_ids)                       # running, holding 128 positions
+        with ThreadPoolExecutor(1) as pool:
+            later = pool.submit(llm.generate, "zz", params)
+            _wait_for(lambda: llm.stats().num_waiting == 1)
+            stats = llm.stats()
+            assert (stats.num_running, stats.num_waiting) == (1, 1) and stats.kv_cache_tokens <= 160
+            first_ids += [i for chunk in first for i in chunk.token_ids]
+            assert later.result(60)[0].token_ids == alone[1]          # admitted once the first one left
+        assert first_ids == alone[0] and llm.stats().kv_cache_tokens == 0
+    finally:
+        llm.shutdown()
+
+
+def test_a_long_aborted_request_gives_its_memory_back() -> None:
+    llm = LLM("smollm2-135m", max_batch_size=4)                      # 46 KB of keys and values per position
+    try:
+        llm.generate("def f():", SamplingParams(max_tokens=4))         # warm: the engine thread, the kernels
+        before = _rss_mb()
+        chunks = llm.stream("def f():", SamplingParams(max_tokens=8000, ignore_eos=True))
+        next(chunks)
+        held = llm.stats().kv_cache_tokens
+        chunks.close()                                                # abort
+        _wait_for(lambda: llm.stats().kv_cache_tokens == 0)
+        assert held >= 8000                                           # it did reserve ~370 MB ...
+        assert _rss_mb() - before < 100                               # ... and gave them back
+    finally:
+        llm.shutdown()
+
+
+def _rss_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024
+
+
+def _wait_for(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
 
 
 def _num_requests(llm: LLM) -> int:

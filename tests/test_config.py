@@ -57,6 +57,12 @@ def test_for_model_decides_what_was_left_open() -> None:
     assert cfg.model == "m" and cfg.max_model_len == 2048 and cfg.num_threads >= 1
     assert cfg.gpu_threads == 1 and cfg.cpu_threads >= 1
     assert EngineConfig(max_model_len=512).for_model("m", 2048).max_model_len == 512
+    # the KV-cache budget: 2048 positions a slot, never less than one request at full context
+    assert cfg.kv_cache_tokens == 16 * 2048
+    assert EngineConfig(max_batch_size=1).for_model("m", 32768).kv_cache_tokens == 32768
+    assert EngineConfig(max_batch_size=4, kv_cache_tokens=1000).for_model("m", 4096).kv_cache_tokens == 1000
+    with pytest.raises(ValueError, match="kv_cache_tokens must be >= 2"):
+        EngineConfig(kv_cache_tokens=0)
 
 
 def test_every_option_is_a_flag_and_flags_become_the_config() -> None:

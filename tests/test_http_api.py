@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +25,7 @@ import pytest
 
 from runtime import LLM, SamplingParams
 from runtime.hybrid.cluster import RAY_ENV
-from runtime.serving.http_api import BackgroundHttpServer
+from runtime.serving.http_api import BackgroundHttpServer, HttpServer
 
 MODEL = "smollm2-135m"
 PROMPT = "def fib(n):"
@@ -56,13 +58,20 @@ def client(server: BackgroundHttpServer) -> Iterator[openai.OpenAI]:
 
 def http(url: str, body: bytes | None = None, method: str = "POST") -> tuple[int, dict]:
     """(status, decoded JSON body) of one plain HTTP request."""
-    request = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
+    return http_reply(url, body, method)[:2]
+
+
+def http_reply(url: str, body: bytes | None = None, method: str = "POST",
+               headers: dict[str, str] | None = None) -> tuple[int, dict, dict[str, str]]:
+    """(status, decoded JSON body, response headers) of one plain HTTP request."""
+    request = urllib.request.Request(url, data=body, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=60) as r:
-            return r.status, json.loads(r.read())
+            return r.status, json.loads(r.read()), dict(r.headers)
     except urllib.error.HTTPError as e:
         with e:
-            return e.code, json.loads(e.read())
+            return e.code, json.loads(e.read()), dict(e.headers)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -252,6 +261,116 @@ def test_requests_beyond_the_in_flight_limit_get_503_with_retry_after(llm: LLM) 
         first.close()                                                        # hang up: the place frees
         assert wait_until(lambda: srv.server.api.num_active == 0)
         assert http(srv.url + "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 2}).encode())[0] == 200
+
+
+KEY = "sk-test-0123456789abcdef"
+
+
+def test_an_api_key_guards_every_request(llm: LLM) -> None:
+    with BackgroundHttpServer(llm, api_key=KEY) as srv:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
+                        {"Authorization": KEY}, {"Authorization": f"Bearer {KEY}x"}):
+            for method, path, body in (("GET", "/v1/models", None), ("GET", "/v1/nowhere", None),
+                                       ("POST", "/v1/completions", json.dumps({"prompt": PROMPT}).encode())):
+                status, reply, got = http_reply(srv.url + path, body, method, headers)
+                assert status == 401 and got["WWW-Authenticate"] == "Bearer", (headers, path)
+                assert reply["error"]["type"] == "authentication_error" and reply["error"]["code"] == "invalid_api_key"
+        assert http_reply(srv.url + "/v1/models", None, "GET", {"Authorization": f"bearer {KEY}"})[0] == 200
+        with openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=60) as c:
+            assert c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
+            assert "".join(e.choices[0].text for e in c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2,
+                                                                         temperature=0, stream=True))
+        with openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0, timeout=60) as c, \
+                pytest.raises(openai.AuthenticationError):
+            c.models.list()
+
+
+def test_only_loopback_is_served_without_a_key_unless_opted_out(llm: LLM, caplog: pytest.LogCaptureFixture) -> None:
+    for host in ("0.0.0.0", "::", "192.168.1.7", "example.com", ""):
+        with pytest.raises(ValueError, match="--api-key.*PINFER_API_KEY.*--no-auth"):
+            HttpServer(llm, host)
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        HttpServer(llm, host)
+    for bad_key in ("", "two words", "naïve"):
+        with pytest.raises(ValueError, match="API key must be"):
+            HttpServer(llm, api_key=bad_key)
+    with caplog.at_level(logging.WARNING, logger="runtime.serving.http_api"), \
+            BackgroundHttpServer(llm, host="0.0.0.0", allow_unauthenticated=True) as srv:
+        assert http(srv.url.replace("0.0.0.0", "127.0.0.1") + "/v1/models", method="GET")[0] == 200
+    assert "0.0.0.0 without authentication" in caplog.text
+    with BackgroundHttpServer(llm, host="0.0.0.0", api_key=KEY) as srv:
+        assert http(srv.url.replace("0.0.0.0", "127.0.0.1") + "/v1/models", method="GET")[0] == 401
+
+
+def test_pinfer_serve_checks_http_access_before_loading_a_model() -> None:
+    def serve(*flags: str, key: str | None = None) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k != "PINFER_API_KEY"} | ({"PINFER_API_KEY": key} if key else {})
+        return subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--http", "--local", "--model",
+                                 "no-such-model", *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    runs = [serve("--host", "0.0.0.0"), serve("--host", "0.0.0.0", key=KEY),
+            serve("--host", "0.0.0.0", "--no-auth", key=KEY)]
+    (open_, _), (keyed, _), (contradiction, _) = [(p.communicate(timeout=120)[1], p.returncode) for p in runs]
+    assert "refusing to serve" in open_ and "--api-key" in open_ and "unknown model" not in open_
+    assert "unknown model" in keyed                         # PINFER_API_KEY counted: on to loading the model
+    assert "--no-auth serves without an API key" in contradiction
+
+
+def test_connections_beyond_the_cap_get_a_canned_503(llm: LLM) -> None:
+    fds = len(os.listdir("/proc/self/fd"))
+    with BackgroundHttpServer(llm, max_connections=4) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(4)]
+        try:
+            assert wait_until(lambda: srv.server.num_connections == 4)
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(srv.url + "/v1/models", timeout=10)
+            with e.value:
+                assert e.value.code == 503 and e.value.headers["Retry-After"] == "1"
+                assert e.value.headers["Connection"] == "close"
+                assert json.loads(e.value.read())["error"]["code"] == "overloaded"
+            assert srv.server.num_connections == 4                   # the refused one never reached aiohttp
+        finally:
+            for sock in idle:
+                sock.close()
+        assert wait_until(lambda: srv.server.num_connections == 0)
+        assert http(srv.url + "/v1/models", method="GET")[0] == 200
+    assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds), "a socket was left open"
+
+
+def test_stalled_request_heads_are_cut_off_and_stalled_bodies_get_408(llm: LLM) -> None:
+    from http.client import HTTPResponse
+
+    def hung_up(sock: socket.socket, t0: float) -> float:
+        """Seconds since ``t0`` until the server hangs up without answering."""
+        assert sock.recv(1024) == b""
+        return time.monotonic() - t0
+
+    with BackgroundHttpServer(llm, header_timeout_s=0.5, body_timeout_s=1.0) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        t0 = time.monotonic()
+        with socket.create_connection((host, int(port)), timeout=10) as sock:          # half a head, then nothing
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            assert 0.45 < hung_up(sock, t0) < 5                                        # keep-alive alone: 15 s
+        with socket.create_connection((host, int(port)), timeout=10) as sock:          # a fresh deadline per answer
+            t0 = time.monotonic()
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            response = HTTPResponse(sock)
+            response.begin()
+            assert response.status == 200 and json.loads(response.read())["data"]
+            sock.sendall(b"GET /v1/mo")
+            assert 0.45 < hung_up(sock, t0) < 5
+        with socket.create_connection((host, int(port)), timeout=10) as sock:          # a body that stalls
+            t0 = time.monotonic()
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            response = HTTPResponse(sock)
+            response.begin()
+            assert 0.9 < time.monotonic() - t0 < 5             # the body's 1 s, not the head's 0.5 s
+            assert response.status == 408 and response.getheader("Connection") == "close"
+            assert "did not arrive within 1 s" in json.loads(response.read())["error"]["message"]
+        assert http(srv.url + "/v1/models", method="GET")[0] == 200
 
 
 def test_pinfer_serve_http_through_a_ray_served_engine(tiny_model_dir: Path, tmp_path: Path) -> None:

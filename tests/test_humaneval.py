@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -14,9 +16,18 @@ import pytest
 from runtime.evals.harness import EvalConfig, run_humaneval, sample_seed
 from runtime.evals.humaneval import Problem, build_prompt, code_blocks, extract_code, load_problems, solution_source
 from runtime.evals.passk import mean_pass_at_k, pass_at_k
-from runtime.evals.sandbox import Sandbox, SandboxLimits, isolation_report, namespaces_available, run_program
+from runtime.evals import sandbox as sandbox_module
+from runtime.evals.sandbox import Sandbox, SandboxLimits, WeakSandboxError, isolation_report, missing_features, \
+    namespaces_available, run_program, sandbox_features
 
 FAST = SandboxLimits(timeout_s=2.0)
+
+
+def need(*features: str) -> None:
+    """Skip unless the sandbox gives programs ``features`` on this machine."""
+    lacking = [f for f in features if f not in sandbox_features()]
+    if lacking:
+        pytest.skip(f"the sandbox lacks {', '.join(lacking)} here (needs root and a working unshare)")
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +76,137 @@ def test_hostile_programs_cannot_reach_the_network_the_harness_or_outlive_the_ti
     r = run_program(f"import posix, signal\nposix.kill({me}, signal.SIGKILL)\n", FAST)   # kill the harness
     assert r.status == "error" and "ProcessLookupError" in r.detail, r
     marker = tmp_path / "late.txt"                      # a child left behind writes after the timeout
-    r = run_program(f"import posix, time\nif posix.fork() == 0:\n    posix.setsid()\n    time.sleep(3)\n"
-                    f"    posix.write(posix.open({str(marker)!r}, posix.O_WRONLY | posix.O_CREAT), b'x')\n"
-                    f"    posix._exit(0)\ntime.sleep(60)\n", FAST)
+    leaver = (f"import posix, time\nif posix.fork() == 0:\n    posix.setsid()\n    time.sleep(3)\n"
+              f"    posix.write(posix.open({str(marker)!r}, posix.O_WRONLY | posix.O_CREAT), b'x')\n"
+              f"    posix._exit(0)\ntime.sleep(60)\n")
+    r = run_program(leaver, FAST, frozenset({"network", "pid"}))      # a root program may fork: namespaces only
     assert r.status == "timeout", r
     time.sleep(4)
     assert not marker.exists()
-    assert "namespaces" in isolation_report()
+    assert "namespace" in isolation_report()
+    if "user" in sandbox_features():                    # its own user cannot fork at all
+        r = run_program(leaver, FAST)
+        assert r.status == "error" and "BlockingIOError" in r.detail, r
+
+
+ESCAPES = {      # each tries to create TARGET past the Python-level guards; only the kernel can refuse it
+    "FileIO": "import _io\n_io.FileIO(TARGET, 'w').write(b'x')\n",
+    "posix.open": "import posix\nposix.write(posix.open(TARGET, posix.O_WRONLY | posix.O_CREAT, 0o644), b'x')\n",
+    "ctypes open": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                   "assert libc.open(TARGET.encode(), os.O_WRONLY | os.O_CREAT, 0o644) >= 0, "
+                   "os.strerror(ctypes.get_errno())\n",
+    "ctypes creat": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                    "assert libc.creat(TARGET.encode(), 0o644) >= 0, os.strerror(ctypes.get_errno())\n",
+    "raw openat": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"      # SYS_openat on x86-64
+                  "assert libc.syscall(257, -100, TARGET.encode(), os.O_WRONLY | os.O_CREAT, 0o644) >= 0, "
+                  "os.strerror(ctypes.get_errno())\n",
+}
+
+
+@pytest.mark.parametrize("how", ESCAPES)
+def test_the_kernel_refuses_writes_outside_the_program_dir(how: str) -> None:
+    need("filesystem")
+    name = f"pinfer-escape-{secrets.token_hex(4)}"
+    targets = [Path("/tmp") / name, Path(__file__).resolve().parent / name]     # shared scratch, the repo
+    try:
+        for target in targets:
+            r = run_program(f"TARGET = {str(target)!r}\n" + ESCAPES[how], FAST)
+            assert r.status != "passed" and "Read-only file system" in r.detail, (target, r)
+            assert not target.exists()
+    finally:
+        for target in targets:
+            target.unlink(missing_ok=True)
+
+
+def test_hostile_programs_cannot_undo_the_read_only_mounts_from_a_user_namespace_of_their_own() -> None:
+    need("filesystem", "user")
+    target = Path(__file__).resolve().parent / f"pinfer-escape-{secrets.token_hex(4)}"
+    program = ("import _io, ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+               "assert libc.unshare(0x10000000 | 0x20000) == 0\n"          # CLONE_NEWUSER | CLONE_NEWNS: 'root'
+               "print(libc.umount2(b'/root', 2), libc.umount2(b'/tmp', 2),\n"              # MNT_DETACH
+               "      libc.mount(None, b'/', None, ctypes.c_ulong(0x20 | 0x1000), None))\n"    # remount rw
+               f"_io.FileIO({str(target)!r}, 'w')\n")
+    try:
+        r = run_program(program, FAST)
+        assert r.status == "error" and "Read-only file system" in r.detail, r
+        assert r.output.splitlines()[0] == "-1 -1 -1" and not target.exists(), r
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def test_hostile_programs_see_nothing_of_the_harness_home_or_scratch_dirs() -> None:
+    need("filesystem")
+    home = Path.home().resolve()
+    secret = next((p for p in sorted(home.iterdir()) if p.is_file()), None)   # e.g. ~/.bashrc, ~/.ray/auth_token
+    if secret is None:
+        pytest.skip(f"{home} holds no file to look for")
+    program = (f"import json, os, sys\nprint(json.dumps([sorted(os.listdir({str(home)!r})), sorted(os.listdir("
+               f"'/tmp')), sorted(os.listdir(os.path.dirname(sys.base_prefix))), os.getcwd()]))\n"
+               f"open({str(secret)!r}).read()\n")
+    r = run_program(program, FAST)
+    assert r.status == "error" and "FileNotFoundError" in r.detail, r
+    in_home, in_tmp, beside_python, cwd = json.loads(r.output.splitlines()[0])
+    python = Path(sys.base_prefix).resolve()
+    assert set(in_home) <= ({python.relative_to(home).parts[0]} if python.is_relative_to(home) else set())
+    assert secret.name not in in_home and set(os.listdir(home)) - set(in_home)
+    if python.is_relative_to(home):                   # the Python installation alone, not its siblings
+        assert beside_python == [python.name]
+    if cwd.startswith("/tmp/"):                         # Ray's sockets, other sandboxes: gone
+        assert in_tmp == [Path(cwd).name]
+
+
+def test_hostile_programs_run_as_an_unprivileged_user_that_cannot_regain_root_or_fork() -> None:
+    need("user")
+    program = ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+               "status = dict(line.split(':\\t') for line in open('/proc/self/status').read().splitlines())\n"
+               "print(os.getuid(), os.geteuid(), os.getgid(), os.getgroups(), status['NoNewPrivs'], status['CapEff'])\n"
+               "print(libc.setuid(0), libc.setresuid(0, 0, 0), libc.setgid(0), os.getuid())\n"
+               "pid = libc.fork()\n"
+               "if pid == 0:\n    libc._exit(0)\n"
+               "print(pid, os.strerror(ctypes.get_errno()))\n")
+    r = run_program(program, FAST)
+    assert r.passed, r
+    ids, setuid, fork = r.output.splitlines()
+    uid = FAST.uid
+    assert ids == f"{uid} {uid} {uid} [] 1 0000000000000000"
+    assert setuid == f"-1 -1 -1 {uid}"
+    assert fork == "-1 Resource temporarily unavailable"      # RLIMIT_NPROC = 0 holds for a non-root user
+
+
+def test_hostile_programs_cannot_signal_processes_outside_their_namespace() -> None:
+    need("pid")
+    victim = subprocess.Popen(["sleep", "60"], user=FAST.uid if os.geteuid() == 0 else None)  # the program's uid
+    try:
+        program = (f"import os, posix, signal\nfor pid in ({victim.pid}, -1, 1, 0, os.getppid()):\n"
+                   f"    try:\n        posix.kill(pid, signal.SIGKILL)\n    except OSError as e:\n"
+                   f"        print(pid, type(e).__name__)\n")
+        r = run_program(program, FAST)
+        assert r.passed and f"{victim.pid} ProcessLookupError" in r.output, r   # kill(-1) reached nothing of ours
+        assert victim.poll() is None
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+
+
+STDLIB_PROGRAM = """\
+import collections, datetime, decimal, fractions, hashlib, heapq, itertools, json, math, os, re
+assert math.comb(5, 2) == 10 and list(itertools.accumulate([1, 2, 3])) == [1, 3, 6]
+assert collections.Counter("abca")["a"] == 2 and re.findall(r"\\d+", "a1b22") == ["1", "22"]
+assert heapq.nsmallest(2, [5, 1, 3]) == [1, 3] and len(hashlib.sha256(b"x").hexdigest()) == 64
+assert json.loads(json.dumps({"a": [1]})) == {"a": [1]} and fractions.Fraction(1, 3) * 3 == 1
+assert decimal.Decimal("0.1") + decimal.Decimal("0.2") == decimal.Decimal("0.3")
+assert datetime.date(2024, 2, 28) + datetime.timedelta(days=1) == datetime.date(2024, 2, 29)
+os.mkdir("sub")
+with open("sub/data.txt", "w") as f:
+    f.write("kept")
+assert open(os.path.join(os.getcwd(), "sub", "data.txt")).read() == "kept"
+"""
+
+
+@pytest.mark.parametrize("features", [None, frozenset()], ids=["all-features", "no-features"])
+def test_ordinary_programs_import_the_stdlib_and_write_their_own_dir(features: frozenset[str] | None) -> None:
+    r = run_program(STDLIB_PROGRAM, FAST, features)
+    assert r.passed, r
 
 
 def test_programs_cannot_touch_files_outside_their_private_dir(tmp_path: Path) -> None:
@@ -186,7 +321,8 @@ def smollm():
 
 def test_runs_resume_and_refuse_other_settings(smollm, tmp_path: Path) -> None:
     out = tmp_path / "he.jsonl"
-    cfg = EvalConfig(output=out, limit=3, max_tokens=8, batch_size=2, num_workers=2)
+    weak = bool(missing_features())                   # the refusal has a test of its own
+    cfg = EvalConfig(output=out, limit=3, max_tokens=8, batch_size=2, num_workers=2, allow_weak_sandbox=weak)
     first = run_humaneval(cfg, smollm, show_progress=False)
     lines = out.read_text().splitlines()
     assert first["num_samples"] == first["num_new_samples"] == 3 and len(lines) == 3
@@ -207,7 +343,8 @@ def test_runs_resume_and_refuse_other_settings(smollm, tmp_path: Path) -> None:
     assert third["num_new_samples"] == 1 and keys == [(f"HumanEval/{i}", 0) for i in range(3)]
 
     with pytest.raises(ValueError, match="max_tokens: 9 now vs 8 there"):
-        run_humaneval(EvalConfig(output=out, limit=3, max_tokens=9), smollm, show_progress=False)
+        run_humaneval(EvalConfig(output=out, limit=3, max_tokens=9, allow_weak_sandbox=weak), smollm,
+                      show_progress=False)
 
     from dataclasses import replace
 
@@ -226,6 +363,20 @@ def test_runs_resume_and_refuse_other_settings(smollm, tmp_path: Path) -> None:
         ResultStore(out, replace(settings, weights="q4"))
 
 
+def test_eval_refuses_a_weak_sandbox_unless_allowed(smollm, tmp_path: Path, monkeypatch, capsys) -> None:
+    from runtime.cli.main import main
+
+    monkeypatch.setattr(sandbox_module, "sandbox_features", lambda: frozenset())      # e.g. not root
+    out = tmp_path / "weak.jsonl"
+    with pytest.raises(WeakSandboxError, match="no network, pid, filesystem, user isolation.*--allow-weak-sandbox"):
+        run_humaneval(EvalConfig(output=out, limit=1, max_tokens=4, num_workers=1), smollm, show_progress=False)
+    assert main(["eval", "humaneval", "--limit", "1", "--output", str(out)]) == 2       # before loading a model
+    assert "--allow-weak-sandbox" in capsys.readouterr().err and not out.exists()
+    summary = run_humaneval(EvalConfig(output=out, limit=1, max_tokens=4, num_workers=1, allow_weak_sandbox=True),
+                            smollm, show_progress=False)
+    assert summary["num_samples"] == 1 and len(out.read_text().splitlines()) == 1
+
+
 def pinfer(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True, timeout=120)
 
@@ -233,14 +384,16 @@ def pinfer(*args: str) -> subprocess.CompletedProcess:
 def test_cli_help() -> None:
     r = pinfer("eval", "humaneval", "--help")
     assert r.returncode == 0 and "usage: pinfer eval humaneval" in r.stdout and "--format" in r.stdout
+    assert "--allow-weak-sandbox" in r.stdout
 
 
 def test_cli_runs_and_refuses_other_settings(tmp_path: Path) -> None:
     out = tmp_path / "cli.jsonl"
-    r = pinfer("eval", "humaneval", "--tasks", "2", "--max-tokens", "4", "--workers", "1", "--output", str(out))
+    weak = ["--allow-weak-sandbox"] if missing_features() else []
+    r = pinfer("eval", "humaneval", "--tasks", "2", "--max-tokens", "4", "--workers", "1", "--output", str(out), *weak)
     assert r.returncode == 0, r.stderr
     summary = json.loads((tmp_path / "cli.summary.json").read_text())
     assert summary["num_samples"] == 1 and summary["engine"]["model"] == "smollm2-135m"
     assert "[humaneval raw on smollm2-135m: pass@1" in r.stdout
-    r = pinfer("eval", "humaneval", "--tasks", "2", "--format", "chat", "--output", str(out))
+    r = pinfer("eval", "humaneval", "--tasks", "2", "--format", "chat", "--output", str(out), *weak)
     assert r.returncode == 2 and "prompt_format: 'chat' now vs 'raw' there" in r.stderr

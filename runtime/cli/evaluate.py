@@ -40,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="programs run at once (default: CPU count, at most 8)")
     g.add_argument("--timeout", dest="timeout_s", type=float, default=10.0, help="seconds per program (default 10)")
     g.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program (default 1024)")
+    g.add_argument("--allow-weak-sandbox", action="store_true",
+                   help="run even where the sandbox cannot isolate programs (no root or no unshare: no own "
+                        "namespaces, read-only file system or user); refused otherwise")
     q.set_defaults(fn=cmd_humaneval)
 
 
@@ -59,7 +62,7 @@ def cmd_humaneval(args: argparse.Namespace) -> int:
                      prompt_format=args.prompt_format, limit=args.limit, tasks=tasks, num_samples=args.num_samples,
                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens,
                      batch_size=args.batch_size, num_workers=args.num_workers, timeout_s=args.timeout_s,
-                     memory_mb=args.memory_mb)
+                     memory_mb=args.memory_mb, allow_weak_sandbox=args.allow_weak_sandbox)
     summary = run_humaneval(cfg)
     print(json.dumps(summary, indent=2))
     passes = ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith("pass@"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -54,13 +55,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.detach and args.http:
         raise ValueError("--detach returns at once, so nothing would answer HTTP: use --http without --detach "
                          "(the engine stops with the server), or --detach alone")
+    api_key = _http_api_key(args)                 # before an engine loads: a refused --host fails at once
     config = engine_config(args, engine_name=args.name)
     if not config.is_hybrid:
         if not args.http:
             raise ValueError("--local serves an in-process engine, reachable only over HTTP: add --http")
         llm = llm_from_args(args)
         try:
-            _serve_http(llm, args)
+            _serve_http(llm, args, api_key)
         finally:
             llm.shutdown()
         return 0
@@ -81,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.http:
             from runtime.serving.client import connect
 
-            _serve_http(connect(name=name), args)
+            _serve_http(connect(name=name), args, api_key)
         else:
             stop = threading.Event()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -93,12 +95,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_http(client, args: argparse.Namespace) -> None:
+def _http_api_key(args: argparse.Namespace) -> str | None:
+    """--http's API key (--api-key, else $PINFER_API_KEY), checked against --host and --no-auth."""
+    if not args.http:
+        if args.api_key is not None or args.no_auth:
+            raise ValueError("--api-key and --no-auth are about the HTTP API: add --http")
+        return None
+    api_key = args.api_key if args.api_key is not None else os.environ.get("PINFER_API_KEY") or None
+    if args.no_auth and api_key is not None:
+        raise ValueError("--no-auth serves without an API key, but one is set (--api-key or PINFER_API_KEY): "
+                         "drop one or the other")
+    from runtime.serving.http_api import check_access
+
+    check_access(args.host, api_key, allow_unauthenticated=args.no_auth)
+    return api_key
+
+
+def _serve_http(client, args: argparse.Namespace, api_key: str | None) -> None:
     """The OpenAI-compatible API over ``client`` until SIGINT/SIGTERM."""
     from runtime.serving.http_api import serve_http
 
     try:
-        serve_http(client, args.host, args.port,
+        serve_http(client, args.host, args.port, api_key=api_key, allow_unauthenticated=args.no_auth,
                    ready=lambda url: print(f"OpenAI-compatible API on {url}/v1 (Ctrl-C stops)", flush=True))
     except OSError as e:                          # the address is taken or not ours: the flags were wrong
         raise ValueError(f"cannot serve HTTP on {args.host}:{args.port}: {e.strerror or e}") from None
@@ -110,7 +128,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from runtime.serving.service import stop_service
 
     name = args.name or EngineConfig.load().engine_name
-    ensure_ray(args.address)
+    ensure_ray(args.address or os.environ.get("RAY_ADDRESS") or "auto")
     if not stop_service(name):
         raise ValueError(f"no engine named {name!r} runs on this cluster")
     print(f"engine {name!r} stopped")
@@ -140,14 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="return at once, leave the engine on the cluster")
     p.add_argument("--http", action="store_true",
                    help="also serve /v1/completions, /v1/chat/completions, /v1/models from this process")
-    p.add_argument("--host", default="127.0.0.1", help="--http: address to bind (default 127.0.0.1; no auth)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="--http: address to bind (default 127.0.0.1, this machine only; any other address "
+                        "needs --api-key or --no-auth)")
     p.add_argument("--port", type=int, default=8000, help="--http: port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="--http: require 'Authorization: Bearer KEY' on every request (default: $PINFER_API_KEY, "
+                        "which keeps the key out of `ps`); no TLS, so use it on trusted networks or behind a proxy")
+    p.add_argument("--no-auth", action="store_true",
+                   help="--http: serve a non-loopback --host without an API key (anyone who reaches it can "
+                        "use the engine)")
     add_engine_args(p, is_hybrid=True)            # --local: an in-process engine behind --http, no Ray
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("stop", help="stop a served engine", description="Stop an engine started by pinfer serve.")
     p.add_argument("--name", default=None, help="engine actor name (default: configs/engine.yaml)")
-    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster the engine runs on (default: RAY_ADDRESS, else 'auto': the local `ray start` "
+                        "cluster); never starts one")
     p.set_defaults(fn=cmd_stop)
 
     offline.add_parsers(sub)                      # profile, calibrate, train-predictors, prepare, place

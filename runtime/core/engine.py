@@ -2,7 +2,10 @@
 
 Requests are submitted from any thread (or asyncio task) and run on one engine thread: between decoding
 steps waiting requests join free cache slots (prefilled one by one) and finished or cancelled ones
-leave, so one forward pass decodes every running sequence together. The loop is the same for every
+leave, so one forward pass decodes every running sequence together. The KV cache has a budget
+(``kv_cache_tokens`` positions): a request reserves its prompt + ``max_tokens`` when admitted, waits while
+the running ones leave no room, is refused at once if it could never fit, and the cache shrinks (to
+nothing when idle) as requests leave, so memory returns after a load. The loop is the same for every
 runner; a runner owns the weights and the forward pass (the in-process model, or the GPU executor's
 hybrid model whose FFN is split with the CPU executor).
 """
@@ -33,7 +36,7 @@ from scheduler.batching import BatchScheduler
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-CACHE_GROWTH = 64           # KV cache length grows in steps of this many positions
+CACHE_GROWTH = 64           # KV cache length is rounded up to this many positions (within the budget)
 MAX_EARLY_ABORTS = 4096     # remembered ids of aborts that found no request (oldest forgotten first)
 
 
@@ -52,6 +55,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_model_len: int = config.max_model_len
         self.max_batch_size = config.max_batch_size
+        self.kv_budget: int = config.kv_cache_tokens or config.max_batch_size * config.max_model_len
         self.eos_ids = eos_token_ids(runner.cfg, tokenizer)
         self.batch: BatchScheduler[Sequence] = BatchScheduler(config.max_batch_size)
         self.cache: Any = None
@@ -133,8 +137,11 @@ class Engine:
         return self.call(lambda: self._forward_alone(ids, all_logits=True))
 
     def stats(self) -> EngineStats:
-        return self.call(lambda: EngineStats(len(self.batch.waiting), len(self.batch.running), self.num_finished,
-                                             self.num_aborted, 0 if self.cache is None else self.cache.max_len))
+        def snapshot() -> EngineStats:
+            rows, length = self._cache_shape()
+            return EngineStats(len(self.batch.waiting), len(self.batch.running), self.num_finished, self.num_aborted,
+                               length, rows * length)
+        return self.call(snapshot)
 
     def wake(self) -> None:
         """Re-check ``ready`` (e.g. after a CPU executor was reconnected)."""
@@ -166,6 +173,10 @@ class Engine:
             raise InvalidRequestError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {len(ids) + params.max_tokens} "
                 f"exceeds the model context of {self.max_model_len} tokens")
+        if len(ids) + params.max_tokens > self.kv_budget:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {len(ids) + params.max_tokens} "
+                f"exceeds the engine's KV-cache budget of {self.kv_budget} positions (kv_cache_tokens)")
         return Sequence(request_id, prompt, ids, params, Sampler(params), IncrementalDetokenizer(self.tokenizer))
 
     def _add(self, seq: Sequence, stream: bool = False, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
@@ -204,6 +215,7 @@ class Engine:
                     for s in list(self.batch.running):
                         self.batch.finish(s)
                         s.handle.fail(e)
+            self._fit_cache()                            # give back what finished or aborted requests held
         dead = EngineDeadError("the engine was shut down")
         for s in self.batch.drain():
             s.handle.fail(dead)
@@ -242,10 +254,12 @@ class Engine:
 
     def step(self) -> None:
         """Admit waiting requests (prefill each), then decode one token for every running sequence."""
-        for s in self.batch.admit():
+        admitted = self.batch.admit(self._fits)
+        if admitted:
+            self._fit_cache()
+        for s in admitted:
             t0 = time.perf_counter()
             s.metrics["queue_s"] = t0 - s.arrival
-            self._reserve(len(s.prompt_ids) + s.params.max_tokens)
             tokens = torch.tensor([s.prompt_ids])                                            # [1, T]
             logits = self.runner.forward(tokens, StepInput.build([0], len(s.prompt_ids), [s.slot]), self.cache)
             s.first_token = time.perf_counter()
@@ -274,16 +288,37 @@ class Engine:
             self.batch.finish(s)
             s.handle.fail(e)
 
-    def _reserve(self, length: int) -> None:
-        """Make the KV cache hold ``length`` positions in every slot (grown, never shrunk, while busy)."""
-        if self.cache is not None and self.cache.max_len >= length:
+    # ---- the KV cache: rows [0, highest running slot], positions for the longest reservation ---------------
+    @staticmethod
+    def _need(s: Sequence) -> int:
+        return len(s.prompt_ids) + s.params.max_tokens
+
+    def _fits(self, s: Sequence, slot: int) -> bool:
+        """Whether the cache for the running sequences plus ``s`` in ``slot`` stays within the budget."""
+        rows = max([slot] + [r.slot for r in self.batch.running]) + 1
+        return rows * max([self._need(s)] + [self._need(r) for r in self.batch.running]) <= self.kv_budget
+
+    def _cache_shape(self) -> tuple[int, int]:
+        return (0, 0) if self.cache is None else (self.cache.k.shape[1], self.cache.max_len)
+
+    def _fit_cache(self) -> None:
+        """Size the cache for the running sequences: grow it to hold every reservation, give memory back when
+        they use less than half of it (all of it when nothing runs). Live rows and positions are copied over."""
+        running = self.batch.running
+        have_rows, have_len = self._cache_shape()
+        if not running:
+            self.cache = None
             return
-        new_len = min(self.max_model_len, -(-length // CACHE_GROWTH) * CACHE_GROWTH)
-        new = self.runner.new_cache(self.max_batch_size, new_len)
+        rows = max(s.slot for s in running) + 1
+        need = max(self._need(s) for s in running)
+        length = min(self.max_model_len, -(-need // CACHE_GROWTH) * CACHE_GROWTH, max(need, self.kv_budget // rows))
+        if rows <= have_rows and need <= have_len and 2 * rows * length >= have_rows * have_len:
+            return
+        new = self.runner.new_cache(rows, length)          # [L, rows, KV, length, hd] each for keys and values
         if self.cache is not None:
-            old = self.cache.max_len
-            new.k[:, :, :, :old].copy_(self.cache.k)
-            new.v[:, :, :, :old].copy_(self.cache.v)
+            r, n = min(rows, have_rows), min(length, have_len)
+            new.k[:, :r, :, :n].copy_(self.cache.k[:, :r, :, :n])
+            new.v[:, :r, :, :n].copy_(self.cache.v[:, :r, :, :n])
         self.cache = new
 
     def _forward_alone(self, ids: list[int], all_logits: bool) -> torch.Tensor:

@@ -18,7 +18,7 @@ from runtime.evals.humaneval import FORMATS, Problem, PromptFormat, build_prompt
     stop_strings
 from runtime.evals.passk import mean_pass_at_k
 from runtime.evals.results import ResultStore, RunSettings, SampleRecord, sidecar, write_json
-from runtime.evals.sandbox import ExecResult, Sandbox, SandboxLimits, isolation_report
+from runtime.evals.sandbox import ExecResult, Sandbox, SandboxLimits, require_isolation
 from runtime.config import EngineConfig
 from runtime.llm import LLM
 from runtime.model.registry import open_model
@@ -49,6 +49,7 @@ class EvalConfig:
     num_workers: int | None = None
     timeout_s: float = 10.0
     memory_mb: int = 1024
+    allow_weak_sandbox: bool = False      # run even where the sandbox lacks isolation features (see sandbox.py)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -84,8 +85,10 @@ def sample_seed(seed: int | None, task_id: str, sample: int) -> int | None:
 def run_humaneval(cfg: EvalConfig, llm: LLM | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Evaluate ``cfg`` and return the summary, also written to disk. ``llm``: an already loaded model (whose
     sparsity settings must be ``cfg.engine``'s; its own config is recorded), else one is loaded from
-    ``cfg.engine`` when there is anything to generate."""
+    ``cfg.engine`` when there is anything to generate. Refuses (``WeakSandboxError``) before anything else where
+    the sandbox cannot isolate model-written code, unless ``cfg.allow_weak_sandbox``."""
     t0 = time.perf_counter()
+    require_isolation(cfg.allow_weak_sandbox)
     problems = load_problems(cfg.limit, cfg.tasks)
     if llm is not None and (llm.config.sparsity, llm.config.activation_sparsity) != \
             (cfg.engine.sparsity, cfg.engine.activation_sparsity):
@@ -176,7 +179,6 @@ def _generate_and_judge(cfg: EvalConfig, llm: LLM, store: ResultStore, todo: lis
         return llm.generate([prompt], [params])[0]
 
     t0 = time.perf_counter()
-    logger.warning("%s", isolation_report())                 # what holds against hostile completions, said once
     with Sandbox(cfg.num_workers, SandboxLimits(cfg.timeout_s, cfg.memory_mb)) as sandbox, \
             ThreadPoolExecutor(cfg.batch_size, thread_name_prefix="humaneval-gen") as pool:
         answers = {pool.submit(generate, item): item for item in todo}

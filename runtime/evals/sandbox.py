@@ -1,4 +1,9 @@
-"""Run untrusted Python programs in limited child processes, one private temp dir each, in parallel."""
+"""Run untrusted Python programs in limited child processes, one private temp dir each, in parallel.
+
+Where the machine allows it (root and a working ``unshare``), each program gets its own network, PID, IPC and
+mount namespaces, a read-only file system with the homes and scratch directories hidden, and an unprivileged
+user of its own (``sandbox_boot``); ``sandbox_features`` says which of these hold here, ``isolation_report``
+says it in words, and ``require_isolation`` refuses to go on without them unless told to."""
 from __future__ import annotations
 
 import logging
@@ -16,6 +21,8 @@ from functools import cache
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from runtime.errors import PinferError
+
 logger = logging.getLogger(__name__)
 
 BOOT = Path(__file__).with_name("sandbox_boot.py")
@@ -24,19 +31,22 @@ Status = Literal["passed", "failed", "timeout", "error"]
 
 @dataclass(slots=True, frozen=True)
 class SandboxLimits:
-    """Per-program limits: wall clock, address space, CPU, file size, open files, captured output."""
+    """Per-program limits: wall clock, address space, CPU, file size, open files, captured output; its user."""
 
     timeout_s: float = 10.0
     memory_mb: int = 1024
     file_size_mb: int = 1
     num_files: int = 128
     output_chars: int = 2000
+    uid: int = 65534            # the program's uid and gid ("nobody") where the "user" feature holds
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s!r}")
         if self.memory_mb < 64:
             raise ValueError(f"memory_mb must be >= 64 (the interpreter needs it), got {self.memory_mb!r}")
+        if not 0 < self.uid < 2**31:
+            raise ValueError(f"uid must be a numeric id other than root's, got {self.uid!r}")
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,9 +61,23 @@ class ExecResult:
         return self.status == "passed"
 
 
-# Own network, PID and mount namespaces (a private /proc): no network, no view of (or signal to) the harness or
-# any process but its own, and every process it starts dies with it. Needs root (or user namespaces).
-NAMESPACES = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc"]
+# Own network, PID, IPC and mount namespaces (a private /proc): no network, no view of (or signal to) the harness
+# or any process but its own, and every process it starts dies with it. Needs root.
+NAMESPACES = ["unshare", "--net", "--pid", "--ipc", "--mount", "--fork", "--kill-child", "--mount-proc"]
+
+Feature = Literal["network", "pid", "filesystem", "user"]
+FEATURES: dict[Feature, str] = {
+    "network": "own network namespace: no network, not even loopback",
+    "pid": "own PID and IPC namespaces: no other process visible or signalable, all of its own killed at the timeout",
+    "filesystem": "read-only file system but for its own directory: /root, /home, /tmp, /var/tmp, /dev/shm and /run "
+                  "hidden, the Python installation re-exposed",
+    "user": "own unprivileged user: no root, no capabilities, no_new_privs, no new processes",
+}
+WEAK_SANDBOX_FLAG = "--allow-weak-sandbox"
+
+
+class WeakSandboxError(PinferError, RuntimeError):
+    """The sandbox lacks isolation features here and running anyway was not allowed."""
 
 
 @cache
@@ -65,14 +89,58 @@ def namespaces_available() -> bool:
         return False
 
 
-def isolation_report() -> str:
+# Run with the feature on, each assertion checks it really holds (the boot script also fails closed).
+_PROBE = ("import os\n"
+          "assert os.statvfs('/').f_flag & os.ST_RDONLY and not os.statvfs('.').f_flag & os.ST_RDONLY\n")
+
+
+@cache
+def sandbox_features() -> frozenset[Feature]:
+    """The isolation features this machine gives a program (checked once, by running probes).
+
+    All need root: ``unshare`` makes the namespaces, the boot script mounts and then drops to its own user.
+    A harness that is already an unprivileged user gets none of them: its program would run as that same user,
+    with the harness's files and processes within reach."""
+    if not namespaces_available():
+        return frozenset()
+    base: frozenset[Feature] = frozenset({"network", "pid"})
+    limits = SandboxLimits(timeout_s=60.0)
+    for extra, probe in (({"filesystem", "user"}, _PROBE + "assert os.getuid() != 0\n"), ({"filesystem"}, _PROBE)):
+        r = run_program(probe, limits, base | extra)
+        if r.passed:
+            return base | extra
+        logger.warning("sandbox: %s unavailable here: %s %s", "+".join(sorted(extra)), r.detail, r.output[-500:])
+    return base
+
+
+def missing_features(features: frozenset[Feature] | None = None) -> list[Feature]:
+    """The isolation features ``features`` (default: this machine's) lack."""
+    have = sandbox_features() if features is None else features
+    return [f for f in FEATURES if f not in have]
+
+
+def isolation_report(features: frozenset[Feature] | None = None) -> str:
     """What the sandbox enforces on this machine, and what it does not (said once at the start of an eval)."""
-    ns = ("own network, PID and mount namespaces (no network; neither the harness nor its environment visible "
-          "or signalable; every process killed at the timeout)" if namespaces_available() else
-          "NO namespaces (unshare unavailable: the program shares the network and can see other processes)")
-    return (f"sandbox: {ns}; resource limits; a pass needs the completion token written after the last line; "
-            f"not enforced: a user of its own and a read-only file system (file changes outside its directory "
-            f"are refused at the Python level only)")
+    have = sandbox_features() if features is None else features
+    on = [text for f, text in FEATURES.items() if f in have]
+    off = [FEATURES[f] for f in missing_features(have)]
+    missing = f"MISSING here (needs root and a working unshare): {'; '.join(off)}. " if off else ""
+    return (f"sandbox: enforced: {'; '.join(on) or 'no kernel isolation'}; resource limits (memory, CPU, file size, "
+            f"open files, wall clock); a pass needs a completion token written after the program's last line. "
+            f"{missing}Not enforced: a cap on the disk used inside its own directory; a program that sets out to "
+            f"fake its own pass can (it shares its process with its tests and the token)")
+
+
+def require_isolation(allow_weak: bool) -> None:
+    """Say what the sandbox enforces here; raise ``WeakSandboxError`` when a feature is missing, unless
+    ``allow_weak``."""
+    missing = missing_features()
+    logger.warning("%s", isolation_report())                 # what holds against hostile completions, said once
+    if missing and not allow_weak:
+        raise WeakSandboxError(
+            f"the sandbox cannot isolate model-written programs here: no {', '.join(missing)} isolation (it needs "
+            f"root and a working `unshare`); run as root, or pass {WEAK_SANDBOX_FLAG} "
+            f"(EvalConfig.allow_weak_sandbox) to run them anyway with what this machine gives")
 
 
 def _minimal_env(home: str) -> dict[str, str]:
@@ -107,22 +175,31 @@ def _read_ends(f: BinaryIO, limit: int) -> str:
     return (head + b"\n...\n" + f.read()).decode("utf-8", errors="replace")
 
 
-def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> ExecResult:
-    """Run ``program`` with ``python -I`` in a fresh 0700 temp dir (removed after); never raises for its faults."""
+def run_program(program: str, limits: SandboxLimits = SandboxLimits(),
+                features: frozenset[Feature] | None = None) -> ExecResult:
+    """Run ``program`` with ``python -I`` in a fresh 0700 temp dir (removed after), isolated by ``features``
+    (default: all this machine has); never raises for its faults."""
     t0 = time.perf_counter()
+    features = sandbox_features() if features is None else features
     root = tempfile.mkdtemp(prefix="pinfer-eval-")          # mode 0700
     try:
-        (Path(root) / "program.py").write_text(program, encoding="utf-8")
+        source = Path(root) / "program.py"
+        source.write_text(program, encoding="utf-8")
+        uid = limits.uid if "user" in features else -1
+        if uid >= 0:
+            os.chown(source, uid, uid)
+            os.chown(root, uid, uid)
         token = secrets.token_hex(16).encode()
         token_r, token_w = os.pipe()
         done_r, done_w = os.pipe()
         os.write(token_w, token)
         os.close(token_w)
         cmd = [sys.executable, "-I", "-B", str(BOOT), str(limits.memory_mb * 2**20), str(int(limits.timeout_s) + 1),
-               str(limits.file_size_mb * 2**20), str(limits.num_files), "program.py", str(token_r), str(done_w)]
+               str(limits.file_size_mb * 2**20), str(limits.num_files), "program.py", str(token_r), str(done_w),
+               "1" if "filesystem" in features else "0", str(uid)]
         try:
             with tempfile.TemporaryFile() as out:               # unnamed: the program cannot reach it by path
-                proc = subprocess.Popen([*NAMESPACES, *cmd] if namespaces_available() else cmd, cwd=root,
+                proc = subprocess.Popen([*NAMESPACES, *cmd] if "pid" in features else cmd, cwd=root,
                                         env=_minimal_env(root), stdin=subprocess.DEVNULL, stdout=out,
                                         stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
                                         pass_fds=(token_r, done_w))
@@ -176,15 +253,17 @@ def _kill_group(proc: subprocess.Popen) -> None:
 class Sandbox:
     """A pool of ``num_workers`` threads, each waiting on one sandboxed child process at a time."""
 
-    def __init__(self, num_workers: int | None = None, limits: SandboxLimits = SandboxLimits()) -> None:
+    def __init__(self, num_workers: int | None = None, limits: SandboxLimits = SandboxLimits(),
+                 features: frozenset[Feature] | None = None) -> None:
         self.num_workers = max(1, min(8, os.cpu_count() or 1)) if num_workers is None else num_workers
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers!r}")
         self.limits = limits
+        self.features = sandbox_features() if features is None else features
         self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="sandbox")
 
     def submit(self, program: str) -> Future[ExecResult]:
-        return self._pool.submit(run_program, program, self.limits)
+        return self._pool.submit(run_program, program, self.limits, self.features)
 
     def map(self, programs: list[str]) -> list[ExecResult]:
         """Run all ``programs``; results in order."""

@@ -36,7 +36,7 @@ class GpuMemory:
     """Bytes the GPU executor holds besides hot neurons, and per hot neuron (its gate/up/down rows)."""
 
     dense: int             # attention, norms, embeddings, lm_head
-    kv_cache: int          # every slot at full context
+    kv_cache: int          # the KV-cache budget (kv_cache_tokens positions)
     per_neuron: int
 
     @classmethod
@@ -45,7 +45,7 @@ class GpuMemory:
         attn = c.hidden_size * (c.num_attention_heads + 2 * kv) * hd + c.num_attention_heads * hd * c.hidden_size
         dense = c.num_hidden_layers * (attn + 2 * c.hidden_size) + c.vocab_size * c.hidden_size * (
             1 if c.tie_word_embeddings else 2) + c.hidden_size
-        kv_bytes = 2 * c.num_hidden_layers * kv * hd * config.max_model_len * config.max_batch_size * b
+        kv_bytes = 2 * c.num_hidden_layers * kv * hd * config.kv_cache_tokens * b
         return cls(dense * b, kv_bytes, c.hidden_size * (3 if c.is_gated_ffn else 2) * b)
 
     def neurons_that_fit(self, budget: int) -> int:
@@ -91,7 +91,7 @@ def place(config: EngineConfig, model_dir: Path, model_cfg: ModelConfig) -> list
 
 
 def _dense_too_big(memory: GpuMemory, budget: int) -> str:
-    return ", and not even the dense part and the KV cache fit (lower max_model_len or max_batch_size)" \
+    return ", and not even the dense part and the KV cache fit (lower kv_cache_tokens)" \
         if budget < memory.dense + memory.kv_cache else ""
 
 
