@@ -3,8 +3,8 @@
 Points (each one ``pinfer eval humaneval`` run with its own JSONL under ``--out``, resumed on rerun, so
 a long sweep finishes over several invocations; interrupt it at any time):
 - ``dense``: the anchor of each model (in process);
-- ``gate`` / ``predictor`` at each target activation sparsity (in process: the same tokens as the
-  hybrid runtime at any split, which ``tests/test_sparsity.py`` checks);
+- ``gate`` / ``predictor`` / ``down`` / ``wina`` at each target activation sparsity (in process: the same
+  tokens as the hybrid runtime at any split, which ``tests/test_sparsity.py`` checks);
 - ``hot``: the hybrid Ray runtime at each GPU share of neurons, the mask fixed (``--hot-mode``);
   Pass@1 must not move, and the report checks the completions token by token.
 
@@ -23,13 +23,14 @@ from pathlib import Path
 from _common import quiet_logs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "humaneval"
+SPARSE_MODES = ("predictor", "gate", "down", "wina")
 logger = logging.getLogger("threshold_sweep")
 
 
 @dataclass(frozen=True, slots=True)
 class Point:
     model: str
-    mode: str                           # dense | gate | predictor
+    mode: str                           # dense | gate | predictor | down | wina
     sparsity: float = 0.0               # target activation sparsity
     hot_fraction: float | None = None   # None: in process; else the hybrid runtime with this GPU share
 
@@ -44,7 +45,7 @@ def points(models: list[str], kinds: list[str], sparsities: list[float], hot_fra
     """Most informative first: every model's anchor, then the activation points, then the hot sweep."""
     out = [Point(m, "dense") for m in models]
     for s in sparsities:
-        out += [Point(m, mode, s) for mode in ("predictor", "gate") if mode in kinds and s > 0 for m in models]
+        out += [Point(m, mode, s) for mode in SPARSE_MODES if mode in kinds and s > 0 for m in models]
     if "hot" in kinds:
         out += [Point(m, hot_mode, hot_sparsity, h) for m in models for h in hot_fractions]
     return out
@@ -60,7 +61,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="qwen2.5-coder-0.5b,qwen2.5-coder-1.5b")
     ap.add_argument("--format", default="raw", choices=["raw", "chat"], help="prompt format (see pinfer eval)")
-    ap.add_argument("--kinds", default="predictor,gate,hot", help="which point kinds besides dense")
+    ap.add_argument("--kinds", default="predictor,gate,hot",
+                    help=f"which point kinds besides dense: {', '.join(SPARSE_MODES)}, hot")
     ap.add_argument("--sparsities", default="0.3,0.5,0.7,0.8,0.9")
     ap.add_argument("--hot-fractions", default="0,0.25,0.5,0.75,1.0")
     ap.add_argument("--hot-mode", default="dense", choices=["dense", "gate", "predictor"],

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
-SPARSITY_MODES = ("dense", "gate", "predictor", "down")
+SPARSITY_MODES = ("dense", "gate", "predictor", "down", "wina")
 WEIGHT_FORMATS = ("q8", "q4", "fp32")
 PLACEMENTS = ("fraction", "topk", "ilp")
 # Options that only mean something on the hybrid runtime: setting one (and not is_hybrid) selects it.
@@ -70,7 +70,8 @@ class EngineConfig:
                          choices=DTYPES)
     sparsity: str = _option("dense", "which FFN neurons each token computes: 'gate' (up/down rows where "
                                      "|act(gate)| > tau_gate), 'predictor' (where the predictor says), 'down' "
-                                     "(gate/up of all, down rows where |a| > tau_act); the sparse modes need "
+                                     "(gate/up of all, down rows where |a| > tau_act), 'wina' (down rows where "
+                                     "|a_j| * ||W_down[:, j]|| > tau_wina); the sparse modes need "
                                      "`pinfer prepare`", choices=SPARSITY_MODES)
     activation_sparsity: float = _option(0.0, "target share of inactive (token, neuron) pairs for the sparse modes")
     max_batch_size: int = _option(16, "sequences decoded together (KV-cache slots)")

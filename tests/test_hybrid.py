@@ -66,7 +66,7 @@ def references(request: pytest.FixtureRequest, ray_cluster):
     return name, _dense_reference(name), _hf_greedy(name)
 
 
-@pytest.mark.parametrize("hot_fraction", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("hot_fraction", [0.0, pytest.param(0.3, marks=pytest.mark.slow), 0.5, 1.0])   # CI time
 def test_hybrid_equals_dense_and_transformers(references, hot_fraction: float) -> None:
     name, dense_logits, hf_tokens = references
     llm = LLM(name, weights="fp32", hot_fraction=hot_fraction)

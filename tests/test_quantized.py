@@ -179,6 +179,8 @@ def test_threshold_modes_skip_exactly_the_small_activations(isa: str, fmt_gu: st
     a = g * (xr @ m["up"][idx].T)
     mask = torch.rand(rows, len(idx)) < 0.7
     tg, ta = _gap_threshold(g), _gap_threshold(a)
+    scale = torch.rand(q.num_neurons) * 1.5 + 0.5                                          # e.g. ||W_down[:, j]||
+    tau_each = _gap_threshold(a * scale[idx]) / scale                                       # [n] by neuron id
     for threads in (1, 2):
         y, used = qk.qffn(x, q, idx, "silu", threads, tau_gate=tg)
         keep = g.abs() > tg
@@ -189,7 +191,13 @@ def test_threshold_modes_skip_exactly_the_small_activations(isa: str, fmt_gu: st
         y, used = qk.qffn(x, q, idx, "silu", threads, row_mask=mask, tau_gate=tg, tau_a=ta)
         keep = mask & (g.abs() > tg) & (a.abs() > ta)
         assert close(y, (a * keep) @ m["down"][idx]) and used == int(keep.sum())
+        y, used = qk.qffn(x, q, idx, "silu", threads, tau_a=tau_each)          # wina: a threshold per neuron
+        keep = a.abs() > tau_each[idx]
+        assert close(y, (a * keep) @ m["down"][idx]) and used == int(keep.sum())
+        assert not torch.equal(keep, a.abs() > ta)
     assert 0 < int(keep.sum()) < keep.numel()
+    with pytest.raises(ValueError, match="per-neuron thresholds"):
+        qk.qffn(x, q, idx, "silu", 1, tau_a=tau_each[:5])
     ungated, _ = _neurons("q8_0", "q8_0", gated=False)
     with pytest.raises(ValueError, match="gated"):
         qk.qffn(x, ungated, idx[:3], "silu", 1, tau_gate=0.1)
@@ -391,7 +399,7 @@ def test_executors_on_quantized_weights_equal_the_in_process_engine(quant_dir: P
     local.shutdown()
 
 
-@pytest.mark.parametrize("mode", ["gate", "down"])
+@pytest.mark.parametrize("mode", ["gate", "down", "wina"])
 def test_threshold_modes_on_quantized_weights_hybrid_tracks_in_process(calibrated_tiny: Path, executors,
                                                                        mode: str) -> None:
     gate = {"sparsity": mode, "activation_sparsity": 0.5, "weights": "q8"}

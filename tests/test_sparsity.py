@@ -78,6 +78,29 @@ def test_down_mode_skips_exactly_the_small_activations(tiny: Path) -> None:
         assert torch.allclose(hot.partial(layer, x) + cold.partial(layer, x), full.partial(layer, x), atol=1e-5)
 
 
+def test_wina_mode_weighs_each_activation_by_its_down_column_norm(tiny: Path) -> None:
+    """WINA: down rows only where |a_j| * ||W_down[:, j]|| > tau, given as per-neuron thresholds tau / ||W_down[:, j]||
+    (by global neuron id: each shard takes its own); hot + cold = whole."""
+    from runtime.model.activations import ACTIVATIONS
+    from runtime.model.checkpoint import Checkpoint
+
+    x, tau = torch.randn(3, 64), 0.02
+    ckpt, act = Checkpoint(tiny), ACTIVATIONS[json.loads((tiny / "config.json").read_text())["hidden_act"]]
+    w = [{n: ckpt.get(f"model.layers.{i}.mlp.{n}_proj.weight", torch.float32) for n in ("gate", "up", "down")}
+         for i in range(3)]
+    per_neuron = [(tau / wl["down"].norm(dim=0)).numpy() for wl in w]                      # [160] per layer
+    splits = split_by_fraction(3, 160, 0.4, [np.random.rand(160) for _ in range(3)])
+    full = _shard(tiny, "wina", thresholds=per_neuron)
+    hot = _shard(tiny, "wina", [s.hot for s in splits], per_neuron)
+    cold = _shard(tiny, "wina", [s.cold for s in splits], per_neuron)
+    for layer, wl in enumerate(w):
+        a = act(x @ wl["gate"].T) * (x @ wl["up"].T)                                       # [3, 160]
+        keep = a.abs() * wl["down"].norm(dim=0) > tau
+        assert 0 < int(keep.sum()) < keep.numel()
+        assert torch.allclose(full.partial(layer, x), (a * keep) @ wl["down"].T, atol=1e-5)
+        assert torch.allclose(hot.partial(layer, x) + cold.partial(layer, x), full.partial(layer, x), atol=1e-5)
+
+
 @pytest.mark.parametrize("hot_fraction", [0.0, 0.25, 0.6, 1.0])
 def test_any_hot_cold_split_gives_the_same_output_at_a_fixed_mask(tiny: Path, hot_fraction: float) -> None:
     x = torch.randn(2, 64)
@@ -151,6 +174,9 @@ def test_offline_pipeline_measures_what_it_reports(tiny: Path) -> None:
     down = LLM(str(tiny), sparsity="down", activation_sparsity=0.5)   # tau_act of the same calibration
     down.generate(prompts, params)
     assert 0.3 < down.achieved_sparsity() < 0.7
+    wina = LLM(str(tiny), sparsity="wina", activation_sparsity=0.5)   # tau_wina of the same calibration
+    wina.generate(prompts, params)
+    assert 0.3 < wina.achieved_sparsity() < 0.7
     pred = LLM(str(tiny), sparsity="predictor", activation_sparsity=0.5)
     outs = pred.generate(prompts, params)
     assert all(len(o.token_ids) == 6 for o in outs) and pred.achieved_sparsity() is not None

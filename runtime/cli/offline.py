@@ -74,11 +74,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     """profile (unless present) -> calibrate each target sparsity -> one predictor fit for all of them."""
     from runtime.sparsity import artifacts
     from runtime.sparsity.predictor import train_predictors
-    from runtime.sparsity.profile import PROFILE, calibrate, profile
+    from runtime.sparsity.profile import PROFILE, calibrate, has_neuron_samples, profile
 
     model_dir, model, encode = _dense_model(args)
     try:
-        artifacts.load(model_dir, PROFILE, "")
+        if not has_neuron_samples(artifacts.load(model_dir, PROFILE, "")[0]):
+            raise artifacts.MissingArtifactError("the profile predates wina mode")
         print("profile: present")
     except artifacts.MissingArtifactError:
         print(f"profile: wrote {profile(model, model_dir, encode)}")

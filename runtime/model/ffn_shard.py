@@ -6,6 +6,8 @@ Modes (the same on both executors):
 - ``predictor`` (PowerInfer): gate/up/down rows only of the neurons the predictor's mask selects.
 - ``down``: gate and up of every neuron; the down rows only where |a_j| > tau_act (the exact mask's quality,
   a third of the FFN's bytes to save).
+- ``wina`` (WINA): ``down`` with each neuron's own threshold, |a_j| * ||W_down[:, j]|| > tau_wina, i.e. |a_j| >
+  tau_wina / ||W_down[:, j]||: a neuron counts by what it adds to the output, not by its activation alone.
 Sparse modes keep the weights neuron-major (one neuron = consecutive rows) for the sparse kernel; a
 batch reads the union of its rows' neurons once, and each row keeps only its own active neurons.
 
@@ -35,14 +37,17 @@ from runtime.model.kernels.sparse_ffn import sparse_ffn
 from runtime.model.qweights import open_quantized
 from runtime.model.transformer import ffn_activations
 
+DOWN_MODES = ("down", "wina")        # every gate and up row, the down rows of the large activations only
+
 
 @dataclass(frozen=True, slots=True)
 class ShardSpec:
     """What one executor holds: per layer, the global ids of its neurons; and the sparse mode's per-layer
-    thresholds (gate: on |act(gate)|; down: on |a|; None otherwise). Sent to each executor actor when it starts."""
+    thresholds (gate: on |act(gate)|; down: on |a|; wina: on |a_j|, one per neuron [n_ff], by global id; None
+    otherwise). Sent to each executor actor when it starts."""
 
     neurons: list[np.ndarray]
-    thresholds: list[float] | None = None
+    thresholds: list[float | np.ndarray] | None = None
 
 
 def _is_every(ids: np.ndarray, n: int) -> bool:
@@ -54,7 +59,7 @@ def _is_every(ids: np.ndarray, n: int) -> bool:
 class FFNShard:
     def __init__(self, cfg: ModelConfig, neurons: Sequence[np.ndarray], mode: str,
                  weights: dict[str, list[torch.Tensor]] | list[QNeurons],
-                 thresholds: Sequence[float] | None = None, num_threads: int = 1) -> None:
+                 thresholds: Sequence[float | np.ndarray] | None = None, num_threads: int = 1) -> None:
         if mode not in SPARSITY_MODES:
             raise ValueError(f"sparsity mode must be one of {SPARSITY_MODES}, got {mode!r}")
         self.cfg, self.mode, self.num_threads = cfg, mode, num_threads
@@ -70,15 +75,19 @@ class FFNShard:
             # Local row ids; None for a layer of every neuron with W_down as it is (a dense pass reads that).
             self._local = [None if q.down_t is not None else torch.arange(len(n))
                            for q, n in zip(self.quantized, self.neurons)]
-        if mode in ("gate", "down") and thresholds is None:
+        if mode in ("gate", *DOWN_MODES) and thresholds is None:
             raise ValueError(f"{mode} mode needs its per-layer thresholds")
-        self.tau = None if thresholds is None else [float(t) for t in thresholds]
+        # Per layer: one threshold, or (wina) this shard's neurons' own, in its order.
+        self.tau: list[float | torch.Tensor] | None = None if thresholds is None else [
+            float(t) if np.ndim(t) == 0 else torch.as_tensor(np.asarray(t, dtype=np.float32))[ids]
+            for t, ids in zip(thresholds, self.neurons)]
         self.num_computed = 0            # neurons computed (summed over layers and steps), for achieved sparsity
         self.num_offered = 0
 
     @classmethod
     def load(cls, model_dir: str | Path, neurons: Sequence[np.ndarray], dtype: torch.dtype,
-             device: torch.device | str = "cpu", mode: str = "dense", thresholds: Sequence[float] | None = None,
+             device: torch.device | str = "cpu", mode: str = "dense",
+             thresholds: Sequence[float | np.ndarray] | None = None,
              num_threads: int = 1, weights: str = "fp32", dequantize: bool | None = None) -> "FFNShard":
         """Only the given neurons' rows of the checkpoint (memory-mapped), laid out for ``mode``. Quantized
         ``weights`` stay quantized on the CPU unless ``dequantize`` (default: on other devices)."""
@@ -115,7 +124,7 @@ class FFNShard:
         for layer, idx in enumerate(neurons):
             m = {k: v.to(dtype) for k, v in rows_of(layer, np.asarray(idx)).items()}
             mats, down = [m[k] for k in ("gate", "up") if k in m], m["down"]
-            if mode in ("dense", "down"):
+            if mode in ("dense", *DOWN_MODES):
                 w["gate_up_t"].append(torch.stack([t.t() for t in mats], dim=2).contiguous().to(device))
                 w["down_t"].append(down.contiguous().to(device))
             elif mode == "gate":                           # dense gate GEMV, then (up, down) rows per neuron
@@ -145,10 +154,11 @@ class FFNShard:
         if self.quantized is not None:
             return self._quantized_partial(layer, x, out, mask)
         self.num_offered += n_local * (x.shape[0] - 1)
-        if self.mode in ("dense", "down"):
+        if self.mode in ("dense", *DOWN_MODES):
             a = ffn_activations(x, self.w["gate_up_t"][layer], self.act)                  # [N, n]
-            if self.mode == "down":
-                keep = a.abs() > self.tau[layer]                                           # [N, n]
+            if self.mode in DOWN_MODES:
+                tau = self.tau[layer]                                                      # a float, or [n]
+                keep = a.abs() > (tau if isinstance(tau, float) else tau.to(a.device))     # [N, n]
                 self.num_computed += int(keep.sum())
                 a = a * keep
             else:
@@ -179,6 +189,6 @@ class FFNShard:
             row_mask = mask[:, ids]                                                        # [N, n]
         tau = None if self.tau is None else self.tau[layer]
         y, used = qffn(x, q, self._local[layer], self.act_name, self.num_threads, row_mask=row_mask, out=out,
-                       tau_gate=tau if self.mode == "gate" else None, tau_a=tau if self.mode == "down" else None)
+                       tau_gate=tau if self.mode == "gate" else None, tau_a=tau if self.mode in DOWN_MODES else None)
         self.num_computed += used
         return y

@@ -29,14 +29,18 @@ def artifacts_digest(model_dir: Path, config: EngineConfig) -> str | None:
     return artifacts.manifest_digest(model_dir, names, prepare_hint(model_dir, config.activation_sparsity))
 
 
-def mode_thresholds(model_dir: Path, config: EngineConfig) -> list[float] | None:
+def mode_thresholds(model_dir: Path, config: EngineConfig) -> list[float | np.ndarray] | None:
     """Per-layer thresholds of the threshold modes: gate mode's tau_gate (on |act(gate)|), down mode's tau_act
-    (on |a|); None in the other modes."""
-    key = {"gate": "tau_gate", "down": "tau_act"}.get(config.sparsity)
+    (on |a|), wina mode's per-neuron tau_wina / ||W_down[:, j]|| (on |a_j|, [n_ff] per layer); None otherwise."""
+    key = {"gate": "tau_gate", "down": "tau_act", "wina": "tau_wina"}.get(config.sparsity)
     if key is None:
         return None
-    cal, _ = artifacts.load(model_dir, calibration_name(config.activation_sparsity),
-                            prepare_hint(model_dir, config.activation_sparsity))
+    hint = prepare_hint(model_dir, config.activation_sparsity)
+    cal, _ = artifacts.load(model_dir, calibration_name(config.activation_sparsity), hint)
+    if key not in cal:
+        raise artifacts.MissingArtifactError(f"the calibration predates {config.sparsity} mode; rerun `{hint}`")
+    if key == "tau_wina":          # |a_j| ||W_down[:, j]|| > tau  <=>  |a_j| > tau / ||W_down[:, j]||
+        return [tau / np.maximum(cal[f"layer_{i}.down_norm"], 1e-30) for i, tau in enumerate(cal[key])]
     return cal[key].tolist()
 
 

@@ -582,15 +582,20 @@ static inline void prefetch_rows_ahead(const uint8_t *base, int64_t ld, const in
 /* Whether neuron activation passes a threshold: tau < 0 is "no threshold". */
 static inline int above(float v, float tau) { return tau < 0.f || fabsf(v) > tau; }
 
+/* The down-row threshold of row j: its own (tau_each[j], e.g. WINA's tau / ||W_down[:, j]||) or the shared one. */
+static inline float tau_of(const float *tau_each, int64_t j, float tau) { return tau_each ? tau_each[j] : tau; }
+
 /* One group (<= GROUP) of a thread's neurons at decode (one activation row): the gates of all of them, then
- * the up rows of those whose |act(gate)| passes tau_gate, then the down rows of those whose |a| passes tau_a.
+ * the up rows of those whose |act(gate)| passes tau_gate, then the down rows of those whose |a| passes tau_a
+ * (or their own tau_each[j]).
  * Rows are read two at a time (two independent dot products) and the next rows are prefetched where they
  * do not follow the previous one: neurons a threshold picks are scattered, and the hardware prefetchers
  * cannot guess them (consecutive rows they stream on their own). The down rows that will be added are
  * prefetched while the up rows are read: the group adds them a block column at a time, up to 16 streams. */
 static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *wu, int64_t ld_u, const uint8_t *wd,
                                 int64_t ld_d, const uint8_t *wg, int64_t ld_g, int fmt_gu, int fmt_down,
-                                const int64_t *js, int n, int act, float tau_gate, float tau_a, float *y) {
+                                const int64_t *js, int n, int act, float tau_gate, float tau_a,
+                                const float *tau_each, float *y) {
     int64_t live[GROUP];
     float g[GROUP], a[GROUP];
     const uint8_t *down[GROUP];
@@ -618,7 +623,7 @@ static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *wu,
         dot2(wu + live[t] * ld_u, wu + live[t1] * ld_u, fmt_gu, nb, xq, &u[0], &u[1]);
         for (int e = 0; e < (t1 > t ? 2 : 1); e++) {
             const float av = wg ? g[t + e] * u[e] : actf(u[e], act);
-            if (!above(av, tau_a)) continue;
+            if (!above(av, tau_of(tau_each, live[t + e], tau_a))) continue;
             down[k] = wd + live[t + e] * ld_d;
             prefetch_span(down[k], ld_d);
             a[k++] = av;
@@ -633,13 +638,15 @@ static int64_t ffn_group_decode(const XBlock *xq, int64_t nb, const uint8_t *wu,
  * gated);
  * idx [k] neuron ids. Which neurons a row needs: row_mask [n_rows, ld_mask] (optional; the predictor's:
  * row r uses idx[jj] only where row_mask[r, jj]), then |act(gate)| > tau_gate (gate mode, CATS) and
- * |a_j| > tau_a (down rows only of the large activations); a negative tau is no threshold. A batch reads a
+ * |a_j| > tau_a (down rows only of the large activations; tau_each [rows], optional: row j's own threshold
+ * instead); a negative tau is no threshold. A batch reads a
  * neuron's rows once for every row of a tile that needs it. *n_used (optional) receives the number of
  * (row, neuron) pairs whose down row was applied. Returns 0, or -1 when a per-thread buffer cannot be
  * allocated. */
 int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *wu, int64_t ld_u, const uint8_t *wd,
                 int64_t ld_d, const uint8_t *wg, int64_t ld_g, int fmt_gu, int fmt_down, const int64_t *idx, int64_t k,
-                const uint8_t *row_mask, int64_t ld_mask, float tau_gate, float tau_a, int act, float *y, int64_t *n_used, int n_threads) {
+                const uint8_t *row_mask, int64_t ld_mask, float tau_gate, float tau_a, const float *tau_each, int act,
+                float *y, int64_t *n_used, int n_threads) {
     const int64_t nb = d / QK, nd = (int64_t)n_rows * d;
     memset(y, 0, nd * sizeof(float));
     const int T = clamp_threads(n_threads, k, 16);
@@ -659,7 +666,7 @@ int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *wu, int6
                 for (int64_t jj = g0; jj < hi && jj < g0 + GROUP; jj++)
                     if (!row_mask || row_mask[jj]) js[n++] = idx[jj];
                 used += ffn_group_decode(xq, nb, wu, ld_u, wd, ld_d, wg, ld_g, fmt_gu, fmt_down, js, n, act, tau_gate,
-                                         tau_a, yt);
+                                         tau_a, tau_each, yt);
             }
         } else
 #pragma omp for schedule(static)
@@ -688,7 +695,7 @@ int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *wu, int6
                 dot_rows(wu + idx[jj] * ld_u, fmt_gu, nb, xs, nr, u);
                 for (int r = 0; r < nr; r++) {
                     const float a = wg ? g[r] * u[r] : actf(u[r], act);
-                    if (!need[r] || !above(a, tau_a)) continue;
+                    if (!need[r] || !above(a, tau_of(tau_each, idx[jj], tau_a))) continue;
                     axpy_row(wd + idx[jj] * ld_d, fmt_down, nb, a, yt + (int64_t)(r0 + r) * d);
                     used++;
                 }

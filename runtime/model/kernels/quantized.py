@@ -28,8 +28,8 @@ _SIGNATURES = {
     "pinfer_quantize_x": (None, [_P, _I64, _I64, _P]),
     "pinfer_dequantize_rows": (None, [_P, _I, _I64, _I64, _P, _I64, _P]),
     "pinfer_gemv": (None, [_P, _I, _I64, _I64, _P, _I64, _P, _I, _P, _I64, _I]),
-    "pinfer_qffn": (_I, [_P, _I, _I64, _P, _I64, _P, _I64, _P, _I64, _I, _I, _P, _I64, _P, _I64, _F, _F, _I, _P, _P,
-                         _I]),
+    "pinfer_qffn": (_I, [_P, _I, _I64, _P, _I64, _P, _I64, _P, _I64, _I, _I, _P, _I64, _P, _I64, _F, _F, _P, _I, _P,
+                         _P, _I]),
     "pinfer_ffn_dense": (_I, [_P, _I, _I64, _P, _I64, _P, _I64, _I, _P, _I64, _I, _I64, _I, _P, _I]),
     "pinfer_attn_decode": (_I, [_P, _P, _I, _I64, _P, _P, _F, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _I64,
                                 _P, _P, _I]),
@@ -204,14 +204,15 @@ def qlinear(x: torch.Tensor, w: QMatrix, num_threads: int | None = None) -> torc
 
 
 def qffn(x: torch.Tensor, w: QNeurons, idx: torch.Tensor | None, act: str, num_threads: int,
-         row_mask: torch.Tensor | None = None, tau_gate: float | None = None, tau_a: float | None = None,
-         out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+         row_mask: torch.Tensor | None = None, tau_gate: float | None = None,
+         tau_a: float | torch.Tensor | None = None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """sum over neurons j in ``idx`` (None: every neuron, in order) that row r needs of a_j(x_r) * down_j:
     x [N, d] -> [N, d] (into ``out``), and the number of (row, neuron) pairs computed.
 
     Row r needs neuron idx[jj] where ``row_mask`` [N, len(idx)] (bool) holds, |act(gate_j)| > ``tau_gate`` (the
     gate rows are read first; up/down rows only of the neurons that pass) and |a_j| > ``tau_a`` (the down row only
-    of the large activations); None means no such condition. Every neuron with none of them, and ``w.down_t``:
+    of the large activations; a float32 tensor [w.num_neurons]: each row's own threshold, as WINA's
+    tau / ||W_down[:, j]||); None means no such condition. Every neuron with none of them, and ``w.down_t``:
     the activations of all neurons, rounded to 8-bit blocks, times W_down as one matrix-vector product.
     """
     rows, g = _rows(x, w.d), w.gate
@@ -233,11 +234,15 @@ def qffn(x: torch.Tensor, w: QNeurons, idx: torch.Tensor | None, act: str, num_t
     idx = torch.arange(w.num_neurons) if idx is None else idx.to(torch.int64).contiguous()
     m = None if row_mask is None else row_mask.to(torch.uint8).contiguous()
     used = ctypes.c_int64(0)
+    tau_each = tau_a.to(torch.float32).contiguous() if isinstance(tau_a, torch.Tensor) else None   # held: read by C
+    if tau_each is not None and tau_each.numel() != w.num_neurons:
+        raise ValueError(f"per-neuron thresholds: {tau_each.numel()} for {w.num_neurons} neurons")
     rc = lib().pinfer_qffn(xq.data_ptr(), rows.shape[0], w.d, w.up.ptr, w.up.ld, w.down.ptr, w.down.ld, gate_ptr, ld_g,
                            FORMAT_CODES[w.up.fmt], FORMAT_CODES[w.down.fmt], idx.data_ptr(), idx.numel(),
                            None if m is None else m.data_ptr(), 0 if m is None else m.stride(0),
-                           -1.0 if tau_gate is None else tau_gate, -1.0 if tau_a is None else tau_a,
-                           ACT_CODES[act], y.data_ptr(), ctypes.addressof(used), num_threads)
+                           -1.0 if tau_gate is None else tau_gate,
+                           -1.0 if tau_a is None or tau_each is not None else tau_a,
+                           None if tau_each is None else tau_each.data_ptr(), ACT_CODES[act], y.data_ptr(), ctypes.addressof(used), num_threads)
     if rc != 0:
         raise MemoryError("quantized FFN kernel could not allocate its per-thread buffers")
     return y, used.value
