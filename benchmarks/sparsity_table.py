@@ -6,7 +6,7 @@ from held-out Python-stdlib files spread over that split, one from the middle of
 calibration files, never HumanEval); agreement is the share of positions whose argmax equals the dense
 model's greedy token over a 128-token dense continuation (teacher forcing). The oracle rows keep exactly
 the neurons with |a_j| > tau_act: what a perfect predictor would give. Writes
-``benchmarks/results/sparsity_<model>.md`` and a PNG.
+``benchmarks/results/sparsity_<model>.md``, a PNG and the rows as JSON (read by ``humaneval_report.py``).
 
     python benchmarks/sparsity_table.py --model qwen2.5-coder-0.5b --sparsities 0.3 0.5 0.7 0.8 0.9
 """
@@ -20,7 +20,7 @@ import os
 import statistics
 from pathlib import Path
 
-from _common import quiet_logs
+from _common import cpu_model, quiet_logs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Write a Python function that parses an ISO 8601 date string and returns a datetime."
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--decode-tokens", type=int, default=48)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--weights", default="q8", help="weight format of every engine (default q8, the engine's)")
     ap.add_argument("--out", default=None, help="markdown path (default: results/sparsity_<model>.md)")
     args = ap.parse_args()
     quiet_logs()
@@ -55,7 +56,7 @@ def main() -> None:
     from runtime.sparsity.profile import calibration_name
 
     threads = os.cpu_count() or 1
-    dense = LLM(args.model, num_threads=threads)
+    dense = LLM(args.model, num_threads=threads, weights=args.weights)
     tok = dense.tokenizer
     windows = sample_windows(tok.encode, "heldout", args.ppl_tokens)
     prompt = tok.apply_chat_template([{"role": "user", "content": PROMPT}])
@@ -104,7 +105,8 @@ def main() -> None:
     for mode, s in tqdm(points, desc="sparsity points", unit="point"):
         try:
             llm = (dense if mode == "dense" else Oracle(s) if mode == "oracle"
-                   else LLM(args.model, num_threads=threads, sparsity=mode, activation_sparsity=s))
+                   else LLM(args.model, num_threads=threads, weights=args.weights, sparsity=mode,
+                            activation_sparsity=s))
         except artifacts.MissingArtifactError:
             rows.append({"mode": mode, "target": s,
                          "missing": f"no {mode} results at this sparsity (`pinfer prepare --sparsity {s}`)"})
@@ -129,7 +131,7 @@ def main() -> None:
     dense_ppl = rows[0]["ppl"]
     write_report(args, rows, dense_ppl, threads)
     best = [r for r in rows if r.get("mode") == "predictor" and r.get("target") == 0.5 and "ppl" in r]
-    line = (f"sparsity {args.model} fp32 threads={threads}: dense ppl {dense_ppl:.3f}, {rows[0]['tok_s']:.2f} tok/s; "
+    line = (f"sparsity {args.model} {args.weights} threads={threads}: dense ppl {dense_ppl:.3f}, {rows[0]['tok_s']:.2f} tok/s; "
             + "; ".join(f"{r['mode']}@{r['target']:.1f} ppl {r['ppl']:.3f} ({r['ppl'] / dense_ppl - 1:+.1%})"
                         + (f" speed {r['speed_ratio']:.2f}x" if r["speed_ratio"] else "")
                         for r in rows[1:] if "ppl" in r))
@@ -151,12 +153,13 @@ def write_report(args, rows: list[dict], dense_ppl: float, threads: int) -> None
     short = {"qwen2.5-coder-0.5b": "qwen05", "qwen2.5-coder-1.5b": "qwen15"}
     stem = "sparsity_" + short.get(args.model, re.sub(r"[^A-Za-z0-9]+", "_", args.model))
     md = Path(args.out) if args.out else RESULTS / f"{stem}.md"
-    lines = [f"# Activation sparsity on {args.model} (fp32, {threads} threads, in-process engine)", "",
+    lines = [f"# Activation sparsity on {args.model} ({args.weights} weights, {threads} threads, in-process engine, "
+             f"{cpu_model()})", "",
              f"Held-out perplexity over {args.ppl_tokens} tokens, 256-token windows from Python-stdlib files never "
              "used for calibration (one window per file, files spread over the held-out split); agreement = top-1 "
              "agreement with the dense greedy continuation (128 tokens, teacher-forced); achieved sparsity = share "
              "of (token, neuron) FFN pairs skipped while decoding; speed = decode tok/s over dense, alternating in "
-             "the same run. oracle = exactly the neurons with |a_j| > tau_act (a perfect predictor; quality only, it "
+             "the same run (batch 1). oracle = exactly the neurons with |a_j| > tau_act (a perfect predictor; quality only, it "
              "computes the FFN twice). predictor recall / \\|a\\| mass kept = held-out means from `pinfer "
              "train-predictors` (share of the truly active neurons predicted; share of the sum of \\|a_j\\| over "
              "all neurons that the predicted ones carry). Produced by `benchmarks/sparsity_table.py`.", "",
@@ -173,7 +176,7 @@ def write_report(args, rows: list[dict], dense_ppl: float, threads: int) -> None
         lines.append(f"| {r['mode']} | {r['target']:.0%} | {r['achieved_sparsity']:.1%} | {r['ppl']:.3f} | "
                      f"{r['ppl'] / dense_ppl - 1:+.1%} | {r['agreement']:.3f} | {rec} | {mass} | {speed} |")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode, marker in (("oracle", "^"), ("gate", "o"), ("predictor", "s")):
+    for mode, marker in zip(dict.fromkeys(r["mode"] for r in rows[1:]), "^osDvP"):
         ppl_pts = sorted((r["achieved_sparsity"], r["ppl"]) for r in rows if r.get("mode") == mode and "ppl" in r)
         speed_pts = sorted((r["achieved_sparsity"], r["speed_ratio"]) for r in rows
                            if r.get("mode") == mode and r.get("speed_ratio"))
@@ -191,6 +194,8 @@ def write_report(args, rows: list[dict], dense_ppl: float, threads: int) -> None
     fig.savefig(png, dpi=120)
     lines += ["", f"![perplexity and speed vs sparsity]({png.name})", ""]
     md.write_text("\n".join(lines))
+    md.with_suffix(".json").write_text(json.dumps(      # what humaneval_report.py reads the speed of each point from
+        {"model": args.model, "weights": args.weights, "threads": threads, "cpu": cpu_model(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
