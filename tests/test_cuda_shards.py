@@ -17,7 +17,7 @@ from tests.test_executors import GREEDY, PROMPTS, Executors, _local
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU executor's path)")
 
 
-@pytest.mark.parametrize("mode", ["dense", "gate", "down"])
+@pytest.mark.parametrize("mode", ["dense", "gate", "down", "wina"])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_a_shard_on_the_gpu_equals_it_on_the_cpu(calibrated_tiny: Path, mode: str, rows: int) -> None:
     cfg = ModelConfig.load(calibrated_tiny)
@@ -33,11 +33,12 @@ def test_a_shard_on_the_gpu_equals_it_on_the_cpu(calibrated_tiny: Path, mode: st
         assert (got - want).abs().max().item() < 1e-4 * max(1.0, want.abs().max().item()), (mode, layer)
 
 
+@pytest.mark.parametrize("mode", ["gate", "wina"])
 @pytest.mark.parametrize("hot", [0.0, 0.4, 1.0])
 @pytest.mark.parametrize("cpu_threads", [1, None])
-def test_gate_mode_on_the_gpu_equals_the_in_process_gate_engine(calibrated_tiny: Path, executors, hot: float,
-                                                                cpu_threads: int | None) -> None:
-    gate = dict(sparsity="gate", activation_sparsity=0.5)
+def test_threshold_modes_on_the_gpu_equal_the_in_process_engine(calibrated_tiny: Path, executors, hot: float,
+                                                                cpu_threads: int | None, mode: str) -> None:
+    gate = dict(sparsity=mode, activation_sparsity=0.5)
     local = _local(calibrated_tiny, **gate)
     ex = Executors(calibrated_tiny, hot_fraction=hot, cpu_threads=cpu_threads, **gate)
     executors.append(ex)

@@ -77,9 +77,10 @@ class FFNShard:
                            for q, n in zip(self.quantized, self.neurons)]
         if mode in ("gate", *DOWN_MODES) and thresholds is None:
             raise ValueError(f"{mode} mode needs its per-layer thresholds")
-        # Per layer: one threshold, or (wina) this shard's neurons' own, in its order.
+        # Per layer: one threshold, or (wina) this shard's neurons' own, in its order, where its weights live.
+        device = "cpu" if self.quantized is not None else next(t.device for ts in weights.values() for t in ts)
         self.tau: list[float | torch.Tensor] | None = None if thresholds is None else [
-            float(t) if np.ndim(t) == 0 else torch.as_tensor(np.asarray(t, dtype=np.float32))[ids]
+            float(t) if np.ndim(t) == 0 else torch.as_tensor(np.asarray(t, dtype=np.float32))[ids].to(device)
             for t, ids in zip(thresholds, self.neurons)]
         self.num_computed = 0            # neurons computed (summed over layers and steps), for achieved sparsity
         self.num_offered = 0
@@ -158,7 +159,7 @@ class FFNShard:
             a = ffn_activations(x, self.w["gate_up_t"][layer], self.act)                  # [N, n]
             if self.mode in DOWN_MODES:
                 tau = self.tau[layer]                                                      # a float, or [n]
-                keep = a.abs() > (tau if isinstance(tau, float) else tau.to(a.device))     # [N, n]
+                keep = a.abs() > tau                                                       # [N, n]
                 self.num_computed += int(keep.sum())
                 a = a * keep
             else:
