@@ -144,7 +144,7 @@ def test_offline_pipeline_measures_what_it_reports(tiny: Path) -> None:
     assert 0.35 < freq.mean() < 0.65                       # 50% sparsity: about half the neurons fire on average
     report = train_predictors(model, tiny, encode, [0.5], num_tokens=2048, heldout_tokens=512, max_sparsity_gap=0.09)
     level = report["levels"]["s50"]
-    assert set(report["levels"]) == {"s50"} and predictor_report(tiny, 0.5) == level
+    assert set(report["levels"]) == {"s50"} and predictor_report(tiny, 0.5) == level and report["criterion"] == "wina"
     assert abs(level["mean"]["true_sparsity"] - 0.5) < 0.15
     for row in level["layers"]:                            # the threshold stays within the allowed gap
         assert row["true_sparsity"] - 0.09 - 0.06 < row["predicted_sparsity"] < 1.0
@@ -152,8 +152,8 @@ def test_offline_pipeline_measures_what_it_reports(tiny: Path) -> None:
     held: list[list[torch.Tensor]] = [[] for _ in range(3)]    # recall re-measured here on the same held-out tokens
     run_with_ffn_hook(model, sample_windows(encode, "heldout", 512), lambda i, x, g, a: held[i].append(x), "check")
     for i, predictor in enumerate(load_predictors(tiny, 0.5)):
-        x = torch.cat(held[i])
-        active = ffn_activations(x, model.layers[i].ffn.w_gate_up_t, model.layers[i].ffn.act).abs() > cal["tau_act"][i]
+        x, ffn = torch.cat(held[i]), model.layers[i].ffn          # WINA's exact mask: |a_j| ||W_down[:, j]|| > tau_wina
+        active = ffn_activations(x, ffn.w_gate_up_t, ffn.act).abs() * ffn.w_down_t.norm(dim=1) > cal["tau_wina"][i]
         recall = (predictor.mask(x) & active).sum().item() / active.sum().item()
         assert abs(recall - level["layers"][i]["recall"]) < 0.02 and 0.3 < recall <= 1.0
     with pytest.raises(artifacts.MissingArtifactError, match="train-predictors"):

@@ -51,7 +51,8 @@ def cmd_train_predictors(args: argparse.Namespace) -> int:
 
     model_dir, model, encode = _dense_model(args)
     _print_predictors(train_predictors(model, model_dir, encode, args.sparsity, args.tokens, args.heldout_tokens,
-                                       args.rank, args.cost, args.recall, args.max_gap), per_layer=True)
+                                       args.rank, args.cost, args.recall, args.max_gap,
+                                       criterion=args.criterion), per_layer=True)
     return 0
 
 
@@ -86,7 +87,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     for s in args.sparsity:
         print(f"calibrate {s:.2f}: wrote {calibrate(model_dir, s)}")
     _print_predictors(train_predictors(model, model_dir, encode, args.sparsity, args.tokens, args.heldout_tokens,
-                                       args.rank, args.cost, args.recall, args.max_gap), per_layer=False)
+                                       args.rank, args.cost, args.recall, args.max_gap,
+                                       criterion=args.criterion), per_layer=False)
     return 0
 
 
@@ -140,6 +142,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--recall", type=float, default=0.95, help="recall the default predictor threshold aims for")
         q.add_argument("--max-gap", type=float, default=0.09, help="predicted sparsity at most this far under "
                                                                    "the calibrated one (default 0.09)")
+        q.add_argument("--criterion", default="wina", choices=["wina", "act"],
+                       help="the exact mask the predictors aim at: 'wina' (|a_j| ||W_down[:, j]|| > tau_wina, the "
+                            "default) or 'act' (|a_j| > tau_act)")
     q = sub.add_parser("place", help="choose the hot neurons for a GPU memory budget",
                        description="Choose the GPU executor's hot neurons as the engine would under these engine "
                                    "options (--placement topk|ilp with --memory-budget-mb and/or --tau-hot, from "
