@@ -1,10 +1,13 @@
 """The threshold study's report: Pass@1 per point with its standard error and a paired McNemar test
-against the model's dense run, token-level equality across the hot sweep, a plot, and the knees.
+against the model's dense run, token-level equality across the hot sweep, a plot, the knees, and Pass@1
+against decode speed (a Pareto plot and the fastest setting within 1 and 5 points of dense).
 
 Reads what ``threshold_sweep.py`` wrote (``results/humaneval/<model>/<format>-<point>.jsonl`` and the
-summaries beside them); points that are not finished yet are reported as partial.
+summaries beside them); points that are not finished yet are reported as partial. Speeds come from
+``sparsity_table.py``'s JSON (``results/sparsity_*.json`` of the same weight format: batch-1 decode tok/s
+over dense, measured in one run on one machine).
 
-    python benchmarks/humaneval_report.py [--format raw]
+    python benchmarks/humaneval_report.py [--format raw] [--dtype q8]
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ from pathlib import Path
 from _common import quiet_logs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-NAME = re.compile(r"^(?P<mode>dense|gate|predictor)-s(?P<s>\d+)(?:-hot(?P<h>\d+))?$")
+NAME = re.compile(r"^(?P<mode>dense|gate|predictor|down|wina)-s(?P<s>\d+)(?:-hot(?P<h>\d+))?$")
+SPARSE_MODES = ("gate", "predictor", "down", "wina")
+MARKERS = dict(zip(("dense", *SPARSE_MODES), "*osD^"))
 NUM_PROBLEMS = 164
 KNEE_RETAINED = 0.9          # the knee: the last sparsity keeping >= 90% of the dense Pass@1
 
@@ -166,6 +171,37 @@ def knee(points: list[tuple[float, float]], dense: float) -> float | None:
     return best if points else None
 
 
+def load_speeds(root: Path, kind: str) -> dict[tuple[str, str, float], dict]:
+    """(model, mode, target sparsity) -> sparsity_table's row (speed_ratio, tok_s, achieved sparsity, cpu) for the
+    tables measured in weight format ``kind``; dense is (model, "dense", 0.0) with speed 1."""
+    speeds: dict[tuple[str, str, float], dict] = {}
+    for path in sorted(root.glob("sparsity_*.json")):
+        table = json.loads(path.read_text())
+        if table.get("weights") != kind:
+            continue
+        for row in table["rows"]:
+            if row.get("speed_ratio"):
+                speeds[(table["model"], row["mode"], round(row["target"], 2))] = {**row, "cpu": table.get("cpu")}
+    return speeds
+
+
+def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The (speed, Pass@1, name) points no other point beats on both (faster and at least as accurate)."""
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and (q[0], q[1]) != (p[0], p[1])
+                                          for q in points)]
+    return sorted(front)
+
+
+def choices(points: list[tuple[float, float, str]], dense: float) -> list[str]:
+    """The fastest setting within 1 and within 5 Pass@1 points of dense."""
+    out = []
+    for pts in (1, 5):
+        ok = [p for p in points if p[1] >= dense - pts / 100 - 1e-9]
+        best = max(ok, default=None)
+        out.append("n/a" if best is None else f"{best[2]} ({best[0]:.2f}x, {fmt_pct(best[1])})")
+    return out
+
+
 def where(summary: dict) -> str:
     """The runtime and machine a point's samples came from (tok/s and wall s compare only on one machine)."""
     m, runtime = summary.get("machine") or {}, (summary.get("engine") or {}).get("runtime", "n/a")
@@ -185,7 +221,8 @@ def fmt_pct(x: float | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--format", default="raw", choices=["raw", "chat"])
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "q8", "q4"],
+                    help="the runs' float dtype, or their weight format for q8/q4 runs (as threshold_sweep names them)")
     ap.add_argument("--root", type=Path, default=RESULTS / "humaneval")
     ap.add_argument("--out", type=Path, default=None, help="default: results/humaneval_threshold (+ -FORMAT-DTYPE "
                     "when not raw/bfloat16)")
@@ -216,7 +253,7 @@ def main() -> None:
                 curves.setdefault((model, r.mode), []).append(
                     Point(r.achieved if r.achieved is not None else r.sparsity, r.sparsity, r.pass1, same[1], r.n))
         if base:
-            for mode in ("gate", "predictor"):
+            for mode in SPARSE_MODES:
                 pts = [(p.target, p.kept) for p in curves.get((model, mode), [])]
                 knees[(model, mode)] = knee(pts, 1.0) if pts else None
         hot = sorted((r for r in runs if r.model == model and r.hot_fraction is not None), key=lambda r: r.hot_fraction)
@@ -230,6 +267,7 @@ def main() -> None:
                 hot_rows.append(f"| {model} | {r.mode} {fmt_pct(r.sparsity)} | {r.hot_fraction:.2f} | {fmt_pct(r.pass1)} | "
                                 f"{r.n} | {same}/{len(common)} token-identical to {ref_name} |")
     paired_rows, paired_kept = paired(runs, dense)
+    speed_rows, speeds = pass1_vs_speed(runs, dense, load_speeds(RESULTS, args.dtype), args)
 
     if curves:
         import matplotlib
@@ -240,8 +278,7 @@ def main() -> None:
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
         for (model, mode), pts in sorted(curves.items()):
             base = dense[model].pass1
-            style = dict(marker="o" if mode == "predictor" else "s", linestyle="-" if mode == "predictor" else "--",
-                         label=f"{model} {mode}")
+            style = dict(marker=MARKERS[mode], linestyle="-" if model == models[-1] else "--", label=f"{model} {mode}")
             full = sorted([(0.0, base)] + [(p.achieved, p.pass1) for p in pts if p.n == dense[model].n])
             ax.plot([100 * x for x, _ in full], [100 * y for _, y in full], **style)
             kept = sorted([(0.0, 1.0)] + [(p.achieved, paired_kept.get((model, mode, p.target), p.kept)) for p in pts])
@@ -278,17 +315,66 @@ def main() -> None:
     args.out.with_suffix(".tables.md").write_text(
         f"<!-- generated by benchmarks/humaneval_report.py --format {args.format} -->\n\n## Pass@1 by point\n\n{table}\n\n"
         f"## Small vs large on the same problems\n\n{paired_table}\n\n"
-        f"## Hot-neuron threshold (fixed mask)\n\n{hot_table}\n\n## Knees\n\n{knee_lines or '(not enough points)'}\n")
+        f"## Hot-neuron threshold (fixed mask)\n\n{hot_table}\n\n## Knees\n\n{knee_lines or '(not enough points)'}\n\n"
+        f"## Pass@1 against decode speed\n\n{speed_rows}\n")
     print(table)
     print(paired_table)
     print(hot_table)
     print(knee_lines)
+    print(speed_rows)
     result = {"bench": "humaneval_report", "format": args.format,
               "pass@1": {f"{r.model}/{r.mode}-s{round(100 * r.sparsity):02d}"
                          + ("" if r.hot_fraction is None else f"-hot{round(100 * r.hot_fraction):03d}"): round(r.pass1, 4)
                          for r in runs},
-              "knees": {f"{m}/{mode}": k for (m, mode), k in knees.items()}}
+              "knees": {f"{m}/{mode}": k for (m, mode), k in knees.items()}, "pass1_vs_speed": speeds}
     print("RESULT " + json.dumps(result))
+
+
+def pass1_vs_speed(runs: list[Run], dense: dict[str, Run], speeds: dict[tuple[str, str, float], dict],
+                   args: argparse.Namespace) -> tuple[str, dict[str, list]]:
+    """Per model, each point run on all problems with a measured speed: a table with the Pareto front marked,
+    the fastest setting within 1 and 5 points of dense, and a PNG (Pass@1 over decode speed vs dense)."""
+    per_model: dict[str, list[tuple[float, float, str]]] = {}
+    for r in runs:
+        base = dense.get(r.model)
+        speed = 1.0 if r.mode == "dense" else (speeds.get((r.model, r.mode, round(r.sparsity, 2))) or {}).get(
+            "speed_ratio")
+        if base is None or r.hot_fraction is not None or speed is None or r.n != NUM_PROBLEMS:
+            continue
+        name = "dense" if r.mode == "dense" else f"{r.mode} {fmt_pct(r.sparsity)}"
+        per_model.setdefault(r.model, []).append((speed, r.pass1, name))
+    if not per_model:
+        return "(no point with both a full HumanEval run and a measured speed yet)", {}
+    lines = ["| model | setting | decode speed vs dense (batch 1) | Pass@1 (164 problems) | vs dense | Pareto |",
+             "|---|---|---|---|---|---|"]
+    picks = ["", "| model | fastest within 1 point of dense | fastest within 5 points |", "|---|---|---|"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model, pts in sorted(per_model.items()):
+        front, d = pareto(pts), dense[model].pass1
+        for speed, p1, name in sorted(pts):
+            lines.append(f"| {model} | {name} | {speed:.2f}x | {fmt_pct(p1)} | {fmt_pts(p1 - d)} | "
+                         f"{'yes' if (speed, p1, name) in front else ''} |")
+        picks.append(f"| {model} | " + " | ".join(choices(pts, d)) + " |")
+        for speed, p1, name in pts:
+            ax.scatter(speed, 100 * p1, marker=MARKERS[name.split()[0]], s=40)
+            ax.annotate(name, (speed, 100 * p1), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.plot([f[0] for f in front], [100 * f[1] for f in front], "-", alpha=0.6, label=f"{model} Pareto front")
+    cpus = sorted({row.get("cpu") or "?" for row in speeds.values()})
+    ax.set(xlabel="decode tok/s vs dense (batch 1, same run)", ylabel="HumanEval Pass@1 (%)",
+           title=f"Pass@1 against speed ({args.format} prompts, {args.dtype} weights)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = args.out.with_name(args.out.name + "-pareto.png")
+    fig.savefig(png, dpi=120)
+    note = (f"\nSpeeds: `benchmarks/sparsity_table.py` ({', '.join(cpus)}); Pass@1: greedy, every problem. "
+            f"![Pass@1 against speed]({png.name})")
+    return "\n".join(lines + picks) + "\n" + note, {m: sorted(p) for m, p in per_model.items()}
 
 
 if __name__ == "__main__":
