@@ -37,6 +37,7 @@ class Run:
     passed: dict[str, bool]                  # task_id -> passed (sample 0)
     tokens: dict[str, list[int]]
     summary: dict = field(default_factory=dict)
+    path: Path = Path()
 
     @property
     def n(self) -> int:
@@ -71,7 +72,7 @@ def load_runs(root: Path, fmt: str, dtype: str) -> list[Run]:
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         if passed:                                # a point that never started (e.g. no predictors yet) is skipped
             runs.append(Run(path.parent.name, m["mode"], int(m["s"]) / 100,
-                            None if m["h"] is None else int(m["h"]) / 100, passed, tokens, summary))
+                            None if m["h"] is None else int(m["h"]) / 100, passed, tokens, summary, path))
     return runs
 
 
@@ -86,16 +87,24 @@ def mcnemar(base: Run, other: Run) -> tuple[int, int, float]:
     return b, c, (binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0)
 
 
-def predictor_recall(model: str, sparsity: float) -> float | None:
-    """Held-out mean recall of the model's predictors at this level (their manifest beside the model)."""
+def predictor_recall(run: Run) -> str:
+    """Held-out mean recall of the predictors beside the model at the run's level, when they are the ones the run
+    was made with (the run's settings record the digest of its offline results; retrained ones differ)."""
     try:
+        from runtime.config import EngineConfig
         from runtime.model.registry import resolve_model
         from runtime.sparsity.artifacts import sparsity_tag
+        from runtime.sparsity.online import artifacts_digest
 
-        manifest = json.loads((resolve_model(model) / "sparsity" / "predictors.json").read_text())
-        return float(manifest["levels"][sparsity_tag(sparsity)]["mean"]["recall"])
+        model_dir = resolve_model(run.model)
+        settings = json.loads(run.path.with_name(run.path.stem + ".settings.json").read_text())
+        if settings.get("sparsity_artifacts") != artifacts_digest(
+                model_dir, EngineConfig(sparsity="predictor", activation_sparsity=run.sparsity)):
+            return "(retrained since)"
+        manifest = json.loads((model_dir / "sparsity" / "predictors.json").read_text())
+        return f'{manifest["levels"][sparsity_tag(run.sparsity)]["mean"]["recall"]:.3f}'
     except Exception:            # not trained at this level: the table says so
-        return None
+        return ""
 
 
 @dataclass(frozen=True)
@@ -218,20 +227,40 @@ def fmt_pct(x: float | None) -> str:
     return "n/a" if x is None or x != x else f"{100 * x:.1f}%"
 
 
+README_BEGIN, README_END = "<!-- study-summary:begin -->", "<!-- study-summary:end -->"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--format", default="raw", choices=["raw", "chat"])
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "q8", "q4"],
                     help="the runs' float dtype, or their weight format for q8/q4 runs (as threshold_sweep names them)")
+    ap.add_argument("--all", action="store_true", help="every format and dtype found under --root, one report each")
+    ap.add_argument("--readme", type=Path, default=None,
+                    help=f"rewrite the study summary between {README_BEGIN} and {README_END} in this file")
     ap.add_argument("--root", type=Path, default=RESULTS / "humaneval")
     ap.add_argument("--out", type=Path, default=None, help="default: results/humaneval_threshold (+ -FORMAT-DTYPE "
                     "when not raw/bfloat16)")
     args = ap.parse_args()
     quiet_logs()
-    if args.out is None:
-        suffix = "" if (args.format, args.dtype) == ("raw", "bfloat16") else f"-{args.format}-{args.dtype}"
-        args.out = RESULTS / f"humaneval_threshold{suffix}"
+    combos = sorted({tuple(p.stem.split("-")[:2]) for p in args.root.glob("*/*.jsonl")}) if args.all \
+        else [(args.format, args.dtype)]
+    summary = []
+    for fmt, kind in combos:
+        one = argparse.Namespace(**{**vars(args), "format": fmt, "dtype": kind})
+        if args.out is None or args.all:
+            suffix = "" if (fmt, kind) == ("raw", "bfloat16") else f"-{fmt}-{kind}"
+            one.out = RESULTS / f"humaneval_threshold{suffix}"
+        summary += report(one)
+    if args.readme is not None:
+        text = args.readme.read_text()
+        head, rest = text.split(README_BEGIN, 1)
+        _, tail = rest.split(README_END, 1)
+        args.readme.write_text(f"{head}{README_BEGIN}\n" + "\n".join(summary) + f"\n{README_END}{tail}")
 
+
+def report(args: argparse.Namespace) -> list[str]:
+    """One format and dtype's tables, plots and RESULT line; returns its lines for the README's summary."""
     runs = load_runs(args.root, args.format, args.dtype)
     models = sorted({r.model for r in runs})
     dense = {r.model: r for r in runs if r.mode == "dense" and r.hot_fraction is None}
@@ -241,13 +270,13 @@ def main() -> None:
         for r in sorted((r for r in runs if r.model == model and r.hot_fraction is None),
                         key=lambda r: (r.mode != "dense", r.mode, r.sparsity)):
             b, c, p = mcnemar(base, r) if base and r is not base else (0, 0, 1.0)
-            recall = predictor_recall(model, r.sparsity) if r.mode == "predictor" else None
+            recall = predictor_recall(r) if r.mode == "predictor" else ""
             s = r.summary
             same = retained(base, r) if base else (float("nan"), float("nan"))
             rows.append(f"| {model} | {r.mode} | {fmt_pct(r.sparsity)} | {fmt_pct(r.achieved)} | "
                         f"{fmt_pct(r.pass1)} ± {fmt_pct(r.se)} | {fmt_pct(same[0])} | {fmt_pct(same[1])} | "
                         f"{r.n}/{NUM_PROBLEMS} | "
-                        f"{'' if r is base else f'{b} / {c}, p={p:.3g}'} | {'' if recall is None else f'{recall:.3f}'} | "
+                        f"{'' if r is base else f'{b} / {c}, p={p:.3g}'} | {recall} | "
                         f"{s.get('throughput_tokens_per_s', 'n/a')} | {s.get('wall_s', 'n/a')} | {where(s)} |")
             if r.mode != "dense" and base:
                 curves.setdefault((model, r.mode), []).append(
@@ -328,6 +357,38 @@ def main() -> None:
                          for r in runs},
               "knees": {f"{m}/{mode}": k for (m, mode), k in knees.items()}, "pass1_vs_speed": speeds}
     print("RESULT " + json.dumps(result))
+    return readme_summary(args, runs, dense, knees, speeds)
+
+
+def readme_summary(args: argparse.Namespace, runs: list[Run], dense: dict[str, Run],
+                   knees: dict[tuple[str, str], float | None], speeds: dict[str, list]) -> list[str]:
+    """Bullets of what one format and dtype's runs say: dense Pass@1, each full sparse point against it (paired
+    McNemar), the knees, and the fastest setting within 1 and 5 points when speeds were measured."""
+    out = [f"- **{args.format} prompts, {args.dtype}** (`{args.out.name}.tables.md`):"]
+    for model in sorted(dense):
+        base = dense[model]
+        points = sorted((r for r in runs if r.model == model and r.hot_fraction is None and r.mode != "dense"
+                         and r.n == NUM_PROBLEMS), key=lambda r: (r.mode, r.sparsity))
+        cells = [f"{r.mode} {fmt_pct(r.sparsity)}: {fmt_pct(r.pass1)} ({fmt_pts(r.pass1 - base.pass1)}, "
+                 f"p={mcnemar(base, r)[2]:.2g})" for r in points]
+        partial = sum(1 for r in runs if r.model == model and r.mode != "dense" and r.hot_fraction is None
+                      and r.n < NUM_PROBLEMS)
+        out.append(f"  - {model}: dense {fmt_pct(base.pass1)} ({base.n} problems)" + (f"; {'; '.join(cells)}" if cells
+                   else "") + (f"; {partial} more point(s) on part of the problems" if partial else ""))
+        found = []
+        for (m, mode), k in sorted(knees.items()):
+            if m != model or k is None:
+                continue
+            later = sorted(r.sparsity for r in runs if r.model == model and r.mode == mode and r.hot_fraction is None
+                           and r.sparsity > k)
+            found.append(f"{mode} between {fmt_pct(k)} and {fmt_pct(later[0])}" if later else f"{mode} past {fmt_pct(k)}")
+        if found:
+            out.append(f"    knee (last target sparsity keeping >= {KNEE_RETAINED:.0%} of dense Pass@1, and the next): "
+                       f"{'; '.join(found)}")
+        if len(speeds.get(model, [])) > 1:
+            fast1, fast5 = choices([tuple(p) for p in speeds[model]], base.pass1)
+            out.append(f"    fastest within 1 point of dense: {fast1}; within 5 points: {fast5}")
+    return out
 
 
 def pass1_vs_speed(runs: list[Run], dense: dict[str, Run], speeds: dict[tuple[str, str, float], dict],
@@ -343,6 +404,7 @@ def pass1_vs_speed(runs: list[Run], dense: dict[str, Run], speeds: dict[tuple[st
             continue
         name = "dense" if r.mode == "dense" else f"{r.mode} {fmt_pct(r.sparsity)}"
         per_model.setdefault(r.model, []).append((speed, r.pass1, name))
+    per_model = {m: pts for m, pts in per_model.items() if len(pts) > 1}      # dense alone says nothing
     if not per_model:
         return "(no point with both a full HumanEval run and a measured speed yet)", {}
     lines = ["| model | setting | decode speed vs dense (batch 1) | Pass@1 (164 problems) | vs dense | Pareto |",
