@@ -182,7 +182,7 @@ def knee(points: list[tuple[float, float]], dense: float) -> float | None:
 
 def load_speeds(root: Path, kind: str) -> dict[tuple[str, str, float], dict]:
     """(model, mode, target sparsity) -> sparsity_table's row (speed_ratio, tok_s, achieved sparsity, cpu) for the
-    tables measured in weight format ``kind``; dense is (model, "dense", 0.0) with speed 1."""
+    tables in ``root`` (``results/``, beside ``humaneval/``) measured in weight format ``kind``."""
     speeds: dict[tuple[str, str, float], dict] = {}
     for path in sorted(root.glob("sparsity_*.json")):
         table = json.loads(path.read_text())
@@ -296,7 +296,7 @@ def report(args: argparse.Namespace) -> list[str]:
                 hot_rows.append(f"| {model} | {r.mode} {fmt_pct(r.sparsity)} | {r.hot_fraction:.2f} | {fmt_pct(r.pass1)} | "
                                 f"{r.n} | {same}/{len(common)} token-identical to {ref_name} |")
     paired_rows, paired_kept = paired(runs, dense)
-    speed_rows, speeds = pass1_vs_speed(runs, dense, load_speeds(RESULTS, args.dtype), args)
+    speed_rows, speeds = pass1_vs_speed(runs, dense, load_speeds(args.root.parent, args.dtype), args)
 
     if curves:
         import matplotlib

@@ -10,12 +10,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_run(root: Path, model: str, point: str, passed: list[bool], tokens: list[list[int]] | None = None) -> None:
+def write_run(root: Path, model: str, point: str, passed: list[bool], tokens: list[list[int]] | None = None,
+              kind: str = "bfloat16") -> None:
     d = root / model
     d.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"task_id": f"HumanEval/{i}", "sample": 0, "passed": ok,
                          "token_ids": tokens[i] if tokens else [i]}) for i, ok in enumerate(passed)]
-    (d / f"raw-bfloat16-{point}.jsonl").write_text("\n".join(lines) + "\n")
+    (d / f"raw-{kind}-{point}.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def test_report_pairs_points_with_their_dense_runs(tmp_path: Path) -> None:
@@ -41,3 +42,27 @@ def test_report_pairs_points_with_their_dense_runs(tmp_path: Path) -> None:
     assert "| small | dense 0.0% | 0.50 | 60.0% | 10 | 9/10 token-identical to in-process |" in md
     assert (tmp_path / "report.png").stat().st_size > 0
     assert r.stdout.splitlines()[-1].startswith("RESULT {")
+
+
+def test_pass1_against_speed_picks_the_fastest_setting_within_1_and_5_points(tmp_path: Path) -> None:
+    root = tmp_path / "results" / "humaneval"
+    write_run(root, "m", "dense-s00", [True] * 82 + [False] * 82, kind="q8")                   # 50.0%
+    write_run(root, "m", "wina-s50", [True] * 81 + [False] * 83, kind="q8")                    # 49.4%: -0.6 pts
+    write_run(root, "m", "wina-s70", [True] * 76 + [False] * 88, kind="q8")                    # 46.3%: -3.7 pts
+    write_run(root, "m", "gate-s70", [True] * 40 + [False] * 124, kind="q8")                   # 24.4%
+    rows = [{"mode": mode, "target": s, "speed_ratio": v} for mode, s, v in
+            (("wina", 0.5, 1.1), ("wina", 0.7, 1.2), ("gate", 0.7, 1.3))]
+    (tmp_path / "results" / "sparsity_m.json").write_text(json.dumps({"model": "m", "weights": "q8", "rows": rows}))
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- study-summary:begin -->\nold\n<!-- study-summary:end -->\nafter\n")
+    r = subprocess.run([sys.executable, "benchmarks/humaneval_report.py", "--root", str(root), "--dtype", "q8",
+                        "--out", str(tmp_path / "report"), "--readme", str(readme)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "report.tables.md").read_text()
+    assert "| m | gate 70.0% | 1.30x | 24.4% | -25.6 pts | yes |" in md          # fastest: on the front
+    assert "| m | wina 50.0% (1.10x, 49.4%) | wina 70.0% (1.20x, 46.3%) |" in md   # within 1 point, within 5
+    assert (tmp_path / "report-pareto.png").stat().st_size > 0
+    text = readme.read_text()
+    assert text.startswith("before\n<!-- study-summary:begin -->\n- **raw prompts, q8**") and "old" not in text
+    assert "within 5 points: wina 70.0% (1.20x, 46.3%)" in text and text.endswith("<!-- study-summary:end -->\nafter\n")
