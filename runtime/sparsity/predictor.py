@@ -241,7 +241,9 @@ def train_predictors(model: Transformer, model_dir: Path, encode, activation_spa
         w = ffn.w_gate_up_t
         x_fit, x_val, x_out = x_cal[layer].float(), x_vals[layer].float(), x_held[layer].float()
         fitted = fit_scorer(x_fit, x_val, w, rank)
-        norm = ffn.w_down_t.float().norm(dim=1) if criterion == "wina" else None      # ||W_down[:, j]|| [n]
+        # ||W_down[:, j]|| [n]: the calibration's own (tau_wina was measured with it), else the weights'
+        norm = None if criterion != "wina" else torch.from_numpy(cals[levels[0]][f"layer_{layer}.down_norm"]) \
+            if levels else ffn.w_down_t.float().norm(dim=1)
         if norm is not None:
             fitted["weight"] = norm ** 2
         for name, value in fitted.items():

@@ -242,7 +242,8 @@ def qffn(x: torch.Tensor, w: QNeurons, idx: torch.Tensor | None, act: str, num_t
                            None if m is None else m.data_ptr(), 0 if m is None else m.stride(0),
                            -1.0 if tau_gate is None else tau_gate,
                            -1.0 if tau_a is None or tau_each is not None else tau_a,
-                           None if tau_each is None else tau_each.data_ptr(), ACT_CODES[act], y.data_ptr(), ctypes.addressof(used), num_threads)
+                           None if tau_each is None else tau_each.data_ptr(), ACT_CODES[act], y.data_ptr(),
+                           ctypes.addressof(used), num_threads)
     if rc != 0:
         raise MemoryError("quantized FFN kernel could not allocate its per-thread buffers")
     return y, used.value
