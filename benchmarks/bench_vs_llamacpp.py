@@ -557,6 +557,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads of every engine")
     ap.add_argument("--tokens", type=int, default=64, help="greedy tokens generated per run")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per config (after 1 warm-up)")
+    ap.add_argument("--context-tokens", type=int, default=0,
+                    help="put about this many tokens of held-out stdlib source before the question (a longer "
+                         "prompt: prefill speed where the prompt path's float products run)")
     ap.add_argument("--out", type=Path, default=None, help="also write the result JSON here")
     ap.add_argument("--log-dir", type=Path, default=None, help="worker logs (default: a new temp dir)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -582,7 +585,14 @@ def main() -> None:
           + " ".join(k for k, v in machine["isa"].items() if v) + f", {args.threads} threads", flush=True)
     model_dir = resolve_model(args.model)             # converts the GGUF on first use
     tokenizer = TextTokenizer(model_dir)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
+    question = PROMPT
+    if args.context_tokens > 0:
+        from runtime.sparsity.corpus import token_windows
+
+        source = tokenizer.decode(token_windows(tokenizer.encode, "heldout", args.context_tokens,
+                                                window=args.context_tokens)[0])
+        question = f"```python\n{source}\n```\n{PROMPT}"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}])
     prompt_ids = tokenizer.encode(prompt)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench_vs_llamacpp_"))
     log_dir.mkdir(parents=True, exist_ok=True)

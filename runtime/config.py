@@ -39,6 +39,11 @@ def native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def prompt_compute_dtype() -> str:
+    """The float type quantized weights multiply a prompt's rows in (``model/kernels/prompt_rows.py``)."""
+    return "bfloat16" if native_bf16() else "float32"
+
+
 def _option(default: Any, help: str, flag: str | None = None, choices: tuple[str, ...] | None = None,
             cli: bool = True) -> Any:
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "cli": cli})

@@ -13,6 +13,7 @@ from runtime import LLM, SamplingParams
 from runtime.model.config import ModelConfig
 from runtime.model.ffn_shard import FFNShard
 from runtime.model.kernels import quantized as qk
+from runtime.model.kernels.prompt_rows import PROMPT_ROWS, compute_dtype
 from runtime.model.qformat import QK, dequantize, exact_blocks, quantize, row_bytes
 from runtime.model.qweights import QuantizedCheckpoint, WeightsFileError, open_quantized, weights_path
 from tests.test_executors import PROMPTS, Executors
@@ -385,14 +386,20 @@ def _same_up_to_rounding(a: torch.Tensor, b: torch.Tensor, rel: float = 0.03) ->
 def test_executors_on_quantized_weights_equal_the_in_process_engine(quant_dir: Path, executors, weights: str,
                                                                     hot_fraction: float) -> None:
     local = LLM(str(quant_dir), num_threads=1, weights=weights)
-    ex = Executors(quant_dir, max_rows=8, hot_fraction=hot_fraction, weights=weights)
-    executors.append(ex)
+    ex = Executors(quant_dir, max_rows=64, hot_fraction=hot_fraction, weights=weights)   # prompts in one message:
+    executors.append(ex)                                   # both sides take the prompt path on the same rows
     assert all(len(n) % 32 == 0 for n in ex.gpu.hot_neurons())       # a dense split: whole blocks each way
     for p in PROMPTS:
         ours, want = ex.gpu.prompt_logits(p), local.prompt_logits(p)
         # Each side computes its blocks with W_down's own blocks, as the in-process dense pass does: the same sums,
-        # split in two (bit for bit when one side holds every neuron).
-        assert torch.equal(ours, want) if hot_fraction in (0.0, 1.0) else close(ours, want, 1e-5)
+        # split in two (bit for bit when one side holds every neuron); a prompt's rows in bfloat16 round each side's
+        # sum on its own.
+        if hot_fraction in (0.0, 1.0):
+            assert torch.equal(ours, want)
+        elif len(local.tokenizer.encode(p)) >= PROMPT_ROWS and compute_dtype() == torch.bfloat16:
+            assert _same_up_to_rounding(ours, want)
+        else:
+            assert close(ours, want, 1e-5)
     greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     assert [o.token_ids for o in ex.gpu.generate(PROMPTS, [greedy] * 3)] == \
         [o.token_ids for o in local.generate(PROMPTS, greedy)]

@@ -19,7 +19,7 @@ from runtime.evals.humaneval import FORMATS, Problem, PromptFormat, build_prompt
 from runtime.evals.passk import mean_pass_at_k
 from runtime.evals.results import ResultStore, RunSettings, SampleRecord, sidecar, write_json
 from runtime.evals.sandbox import ExecResult, Sandbox, SandboxLimits, require_isolation
-from runtime.config import EngineConfig
+from runtime.config import EngineConfig, prompt_compute_dtype
 from runtime.llm import LLM
 from runtime.model.registry import open_model
 from runtime.outputs import RequestOutput
@@ -72,7 +72,8 @@ class EvalConfig:
                            float(self.top_p), self.seed if self.temperature > 0 else None, engine.dtype,
                            engine.sparsity, float(engine.activation_sparsity),
                            engine.hot_fraction if engine.is_hybrid else None, float(self.timeout_s), self.memory_mb,
-                           tuple(stop_strings(self.prompt_format)), sparsity_artifacts, weights=engine.weights)
+                           tuple(stop_strings(self.prompt_format)), sparsity_artifacts, weights=engine.weights,
+                           prompt_compute=None if engine.weights == "fp32" else prompt_compute_dtype())
 
 
 def sample_seed(seed: int | None, task_id: str, sample: int) -> int | None:

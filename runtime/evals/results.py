@@ -34,6 +34,7 @@ class RunSettings:
     sparsity_artifacts: str | None = None      # digest of the thresholds / predictors used (sparsity.online)
     harness_version: int = HARNESS_VERSION
     weights: str = "fp32"                       # weight format (q8/q4/fp32): it changes the tokens
+    prompt_compute: str | None = None           # quantized weights: the float type prompt rows are multiplied in
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))          # tuples -> lists, as read back from disk

@@ -16,8 +16,9 @@ memory-mapped rows; a shard of some neurons (a hot/cold split) copies its rows i
 order, so it streams consecutive rows (each neuron still lives in one executor only); in dense mode a shard of
 whole 32-neuron blocks (the placement splits dense layers so) keeps W_down's own blocks for its neurons and
 computes what the whole layer's dense pass does, as one matrix-vector product. The block kernels read
-exactly the neurons a token needs. On devices without the kernels the rows are dequantized into the float
-layouts.
+exactly the neurons a token needs; a prompt's rows (``PROMPT_ROWS`` or more) are multiplied in float on the rows
+dequantized chunk by chunk, with the same conditions (``kernels/prompt_rows.py``). On devices without the
+kernels the rows are dequantized into the float layouts.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from runtime.config import SPARSITY_MODES
 from runtime.model.activations import ACTIVATIONS
 from runtime.model.checkpoint import Checkpoint
 from runtime.model.config import ModelConfig
+from runtime.model.kernels.prompt_rows import PROMPT_ROWS, prompt_ffn
 from runtime.model.kernels.quantized import QNeurons, qffn
 from runtime.model.kernels.sparse_ffn import sparse_ffn
 from runtime.model.qweights import open_quantized
@@ -180,7 +182,7 @@ class FFNShard:
 
     def _quantized_partial(self, layer: int, x: torch.Tensor, out: torch.Tensor | None,
                            mask: torch.Tensor | None) -> torch.Tensor:
-        """One kernel call: the thresholds are applied inside it, neuron by neuron."""
+        """One call of the 8-bit kernel (the conditions applied inside it, neuron by neuron) or of the prompt path."""
         q, ids, n = self.quantized[layer], self.neurons[layer], x.shape[0]
         self.num_offered += len(ids) * (n - 1)
         row_mask = None
@@ -189,7 +191,11 @@ class FFNShard:
                 raise ValueError("predictor mode needs the predictor's mask")
             row_mask = mask[:, ids]                                                        # [N, n]
         tau = None if self.tau is None else self.tau[layer]
-        y, used = qffn(x, q, self._local[layer], self.act_name, self.num_threads, row_mask=row_mask, out=out,
-                       tau_gate=tau if self.mode == "gate" else None, tau_a=tau if self.mode in DOWN_MODES else None)
+        conditions = {"row_mask": row_mask, "out": out, "tau_gate": tau if self.mode == "gate" else None,
+                      "tau_a": tau if self.mode in DOWN_MODES else None}
+        if n >= PROMPT_ROWS:                                    # a prompt's rows: float products, chunk by chunk
+            y, used = prompt_ffn(x, q, self.act_name, self.num_threads, **conditions)
+        else:
+            y, used = qffn(x, q, self._local[layer], self.act_name, self.num_threads, **conditions)
         self.num_computed += used
         return y

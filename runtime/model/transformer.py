@@ -18,6 +18,7 @@ from torch import nn
 
 from runtime.model.activations import ACTIVATIONS
 from runtime.model.config import ModelConfig
+from runtime.model.kernels.prompt_rows import PROMPT_ROWS, prompt_linear
 from runtime.model.kernels.quantized import QMatrix, attention_decode, embed_rows, qlinear
 
 # (layer index, normed hidden [N, d]) -> FFN output [N, d]; the hybrid runtime plugs in here.
@@ -27,8 +28,14 @@ Weight = torch.Tensor | QMatrix
 
 
 def linear(x: torch.Tensor, w: Weight, num_threads: int | None = None) -> torch.Tensor:
-    """x [..., in] -> [..., out] (quantized: on ``num_threads`` kernel threads, default torch's count)."""
-    return x @ w if isinstance(w, torch.Tensor) else qlinear(x, w, num_threads)
+    """x [..., in] -> [..., out] (quantized: on ``num_threads`` kernel threads, default torch's count; a prompt's
+    rows in float on the dequantized rows, see ``kernels/prompt_rows.py``)."""
+    if isinstance(w, torch.Tensor):
+        return x @ w
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] >= PROMPT_ROWS:                                       # a prompt: float products
+        return prompt_linear(rows, w, num_threads or torch.get_num_threads()).view(*x.shape[:-1], -1)
+    return qlinear(x, w, num_threads)
 
 
 def lookup(embed: Weight, tokens: torch.Tensor) -> torch.Tensor:

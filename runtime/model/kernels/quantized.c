@@ -486,20 +486,43 @@ static void axpy_row(const uint8_t *w, int fmt, int64_t nb, float a, float *y) {
     }
 }
 
-/* out [n, k] = dequantized rows idx (all rows when idx is NULL) of a matrix with row stride ld_w bytes. */
-void pinfer_dequantize_rows(const uint8_t *w, int fmt, int64_t ld_w, int64_t k, const int64_t *idx, int64_t n,
-                            float *out) {
-    for (int64_t i = 0; i < n; i++) {
-        float *o = out + i * k;
-        memset(o, 0, k * sizeof(float));
-        axpy_row(w + (idx ? idx[i] : i) * ld_w, fmt, k / QK, 1.f, o);
-    }
-}
-
 static int clamp_threads(int n_threads, int64_t work, int64_t min_per_thread) {
     int64_t t = n_threads < 1 ? 1 : n_threads;
     if (t > work / min_per_thread) t = work / min_per_thread;
     return t < 1 ? 1 : (int)t;
+}
+
+static inline uint16_t bf16_of(float f) {           /* round to nearest even (weights are finite) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* out [n, k] = the rows idx (all rows when idx is NULL) of a matrix with row stride ld_w bytes, dequantized: fp32,
+ * or bfloat16 (rounded to nearest even) when bf16. k may be a block-aligned part of a row (w then points at its
+ * first block). Returns 0, or -1 when a per-thread buffer cannot be allocated. */
+int pinfer_dequantize_rows(const uint8_t *w, int fmt, int64_t ld_w, int64_t k, const int64_t *idx, int64_t n,
+                           void *out, int bf16, int n_threads) {
+    const int T = clamp_threads(n_threads, n, 16);
+    int failed = 0;
+#pragma omp parallel num_threads(T) if (T > 1) reduction(| : failed)
+    {
+        float *tmp = bf16 ? malloc(sizeof(float) * k) : NULL;
+        failed = bf16 && !tmp;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            if (failed) continue;
+            float *o = bf16 ? tmp : (float *)out + i * k;
+            memset(o, 0, k * sizeof(float));
+            axpy_row(w + (idx ? idx[i] : i) * ld_w, fmt, k / QK, 1.f, o);
+            if (bf16) {
+                uint16_t *ob = (uint16_t *)out + i * k;
+                for (int64_t j = 0; j < k; j++) ob[j] = bf16_of(tmp[j]);
+            }
+        }
+        free(tmp);
+    }
+    return failed ? -1 : 0;
 }
 
 /* y[r, i] = W_{rows[i]} . x_r for i < n (rows = idx, or 0..n-1 when idx is NULL); W rows ld_w bytes apart,

@@ -26,7 +26,7 @@ _P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "pinfer_best_isa": (_I, []), "pinfer_set_isa": (_I, [_I]), "pinfer_xblock_bytes": (_I, []),
     "pinfer_quantize_x": (None, [_P, _I64, _I64, _P]),
-    "pinfer_dequantize_rows": (None, [_P, _I, _I64, _I64, _P, _I64, _P]),
+    "pinfer_dequantize_rows": (_I, [_P, _I, _I64, _I64, _P, _I64, _P, _I, _I]),
     "pinfer_gemv": (None, [_P, _I, _I64, _I64, _P, _I64, _P, _I, _P, _I64, _I]),
     "pinfer_qffn": (_I, [_P, _I, _I64, _P, _I64, _P, _I64, _P, _I64, _I, _I, _P, _I64, _P, _I64, _F, _F, _P, _I, _P,
                          _P, _I]),
@@ -276,8 +276,8 @@ def embed_rows(w: QMatrix, tokens: torch.Tensor) -> torch.Tensor:
     if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < w.data.shape[0]:
         raise IndexError(f"token ids must be in [0, {w.data.shape[0]}), got {idx.min()}..{idx.max()}")
     out = torch.empty(idx.numel(), w.k, dtype=torch.float32)
-    lib().pinfer_dequantize_rows(w.ptr, FORMAT_CODES[w.fmt], w.ld, w.k, idx.data_ptr(),
-                                 idx.numel(), out.data_ptr())
+    lib().pinfer_dequantize_rows(w.ptr, FORMAT_CODES[w.fmt], w.ld, w.k, idx.data_ptr(), idx.numel(), out.data_ptr(),
+                                 0, 1)
     return out.view(*tokens.shape, w.k)
 
 
