@@ -180,6 +180,25 @@ def knee(points: list[tuple[float, float]], dense: float) -> float | None:
     return best if points else None
 
 
+def knee_interval(base: Run, points: list[Run], resamples: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """95% bootstrap interval of the knee (problems resampled, the same draw for the dense run and every point, on
+    the problems all of them ran): how far the knee can move with which problems HumanEval happens to hold."""
+    import numpy as np
+
+    tasks = sorted(set(base.passed).intersection(*(r.passed for r in points)))
+    if not tasks or not points:
+        return None
+    points = sorted(points, key=lambda r: r.sparsity)
+    idx = np.random.default_rng(seed).integers(0, len(tasks), size=(resamples, len(tasks)))
+    dense = np.array([base.passed[t] for t in tasks], float)[idx].mean(1)                      # [resamples]
+    kept = np.stack([np.array([r.passed[t] for t in tasks], float)[idx].mean(1) for r in points], 1)
+    ok = kept >= KNEE_RETAINED * dense[:, None]                                                  # [resamples, points]
+    levels = np.array([0.0] + [r.sparsity for r in points])
+    first_miss = np.where(ok.all(1), len(points), (~ok).argmax(1))        # points kept before the first miss
+    knees = levels[first_miss]
+    return tuple(np.percentile(knees, [2.5, 97.5]).tolist())
+
+
 def load_speeds(root: Path, kind: str) -> dict[tuple[str, str, float], dict]:
     """(model, mode, target sparsity) -> sparsity_table's row (speed_ratio, tok_s, achieved sparsity, cpu) for the
     tables in ``root`` (``results/``, beside ``humaneval/``) measured in weight format ``kind``."""
@@ -264,7 +283,7 @@ def report(args: argparse.Namespace) -> list[str]:
     runs = load_runs(args.root, args.format, args.dtype)
     models = sorted({r.model for r in runs})
     dense = {r.model: r for r in runs if r.mode == "dense" and r.hot_fraction is None}
-    rows, curves, knees, hot_rows = [], {}, {}, []
+    rows, curves, knees, knee_cis, hot_rows = [], {}, {}, {}, []
     for model in models:
         base = dense.get(model)
         for r in sorted((r for r in runs if r.model == model and r.hot_fraction is None),
@@ -285,6 +304,8 @@ def report(args: argparse.Namespace) -> list[str]:
             for mode in SPARSE_MODES:
                 pts = [(p.target, p.kept) for p in curves.get((model, mode), [])]
                 knees[(model, mode)] = knee(pts, 1.0) if pts else None
+                knee_cis[(model, mode)] = knee_interval(base, [r for r in runs if r.model == model and r.mode == mode
+                                                               and r.hot_fraction is None])
         hot = sorted((r for r in runs if r.model == model and r.hot_fraction is not None), key=lambda r: r.hot_fraction)
         if hot:                  # the reference: the in-process engine at the same mask, else the first split
             ref = next((r for r in runs if r.model == model and r.hot_fraction is None and r.mode == hot[0].mode
@@ -337,8 +358,10 @@ def report(args: argparse.Namespace) -> list[str]:
     def knee_line(m: str, mode: str, k: float) -> str:
         later = sorted(p.target for p in curves[(m, mode)] if p.target > k)
         where = f"between {fmt_pct(k)} and {fmt_pct(later[0])}" if later else f"past {fmt_pct(k)} (the last point run)"
+        ci = knee_cis.get((m, mode))
         return (f"- {m} {mode}: knee {where} target sparsity (the last point keeping >= {KNEE_RETAINED:.0%} of the "
-                f"dense Pass@1 on the same problems, and the next)")
+                f"dense Pass@1 on the same problems, and the next)"
+                + (f"; 95% bootstrap interval of the knee [{fmt_pct(ci[0])}, {fmt_pct(ci[1])}]" if ci else ""))
 
     knee_lines = "\n".join(knee_line(m, mode, k) for (m, mode), k in sorted(knees.items()) if k is not None)
     args.out.with_suffix(".tables.md").write_text(
@@ -355,13 +378,16 @@ def report(args: argparse.Namespace) -> list[str]:
               "pass@1": {f"{r.model}/{r.mode}-s{round(100 * r.sparsity):02d}"
                          + ("" if r.hot_fraction is None else f"-hot{round(100 * r.hot_fraction):03d}"): round(r.pass1, 4)
                          for r in runs},
-              "knees": {f"{m}/{mode}": k for (m, mode), k in knees.items()}, "pass1_vs_speed": speeds}
+              "knees": {f"{m}/{mode}": k for (m, mode), k in knees.items()},
+              "knee_intervals": {f"{m}/{mode}": ci for (m, mode), ci in knee_cis.items() if ci},
+              "pass1_vs_speed": speeds}
     print("RESULT " + json.dumps(result))
-    return readme_summary(args, runs, dense, knees, speeds)
+    return readme_summary(args, runs, dense, knees, knee_cis, speeds)
 
 
 def readme_summary(args: argparse.Namespace, runs: list[Run], dense: dict[str, Run],
-                   knees: dict[tuple[str, str], float | None], speeds: dict[str, list]) -> list[str]:
+                   knees: dict[tuple[str, str], float | None], knee_cis: dict[tuple[str, str], tuple | None],
+                   speeds: dict[str, list]) -> list[str]:
     """Bullets of what one format and dtype's runs say: dense Pass@1, each full sparse point against it (paired
     McNemar), the knees, and the fastest setting within 1 and 5 points when speeds were measured."""
     out = [f"- **{args.format} prompts, {args.dtype}** (`{args.out.name}.tables.md`):"]
@@ -381,7 +407,9 @@ def readme_summary(args: argparse.Namespace, runs: list[Run], dense: dict[str, R
                 continue
             later = sorted(r.sparsity for r in runs if r.model == model and r.mode == mode and r.hot_fraction is None
                            and r.sparsity > k)
-            found.append(f"{mode} between {fmt_pct(k)} and {fmt_pct(later[0])}" if later else f"{mode} past {fmt_pct(k)}")
+            ci = knee_cis.get((m, mode))
+            found.append((f"{mode} between {fmt_pct(k)} and {fmt_pct(later[0])}" if later else f"{mode} past {fmt_pct(k)}")
+                         + (f" (95% interval of the knee {fmt_pct(ci[0])}-{fmt_pct(ci[1])})" if ci else ""))
         if found:
             out.append(f"    knee (last target sparsity keeping >= {KNEE_RETAINED:.0%} of dense Pass@1, and the next): "
                        f"{'; '.join(found)}")

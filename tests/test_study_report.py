@@ -39,6 +39,9 @@ def test_report_pairs_points_with_their_dense_runs(tmp_path: Path) -> None:
     assert "| gate | 50.0% | 6 | 100.0% -> 83.3% (83.3%) | 100.0% -> 33.3% (33.3%) |" in md   # large, small on 0-5
     assert "(33.3%) | -50.0 pts [" in md                    # small's share kept minus large's, bootstrap interval
     assert "small gate: knee between 30.0% and 50.0%" in md
+    # resampled problems: 30% keeps all of them in every draw, 50% loses 4 of 6 in (almost) every draw
+    assert "small gate: knee between 30.0% and 50.0% target sparsity" in md and \
+        "95% bootstrap interval of the knee [30.0%, 30.0%]" in md
     assert "| small | dense 0.0% | 0.50 | 60.0% | 10 | 9/10 token-identical to in-process |" in md
     assert (tmp_path / "report.png").stat().st_size > 0
     assert r.stdout.splitlines()[-1].startswith("RESULT {")
