@@ -28,6 +28,12 @@ class ControlEndpoint:
             logger.exception("%s.%s failed", type(self).__name__, method)
             raise
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
 
 class EngineEndpoint(ControlEndpoint):
     """Mixin for an actor whose ``engine`` (a ``runtime.core.engine.Engine`` or an ``LLM``) serves requests.

@@ -2,12 +2,15 @@
 share, and the one helper that cancels a stream its consumer leaves early."""
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
 from runtime.outputs import RequestOutput, StreamChunk
 from runtime.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class EngineClient(Protocol):
@@ -65,6 +68,25 @@ class EngineClientBase:
     def abort(self, request_id: str) -> None:
         """Cancel a running or waiting request by id (its result ends with finish_reason "abort")."""
         self._requests().abort(request_id)
+
+
+def generate_retrying(client: EngineClient, prompt: str, params: SamplingParams, retries: int = 3,
+                      backoff_s: float = 1.0) -> RequestOutput:
+    """One prompt's output, sent again (up to ``retries`` times, waiting 1, 2, 4... x ``backoff_s``) when the engine
+    died under it (``EngineDeadError``: a replica lost with its node, a replaced executor); other errors at once."""
+    import time
+
+    from runtime.errors import EngineDeadError
+
+    for attempt in range(retries + 1):
+        try:
+            return client.generate([prompt], [params])[0]
+        except EngineDeadError as e:
+            if attempt == retries:
+                raise
+            logger.warning("%s; sending the request again (%d/%d)", e, attempt + 1, retries)
+            time.sleep(backoff_s * 2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 def expand_params(params: SamplingParams | list[SamplingParams] | None, n: int) -> list[SamplingParams]:

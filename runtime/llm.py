@@ -111,6 +111,10 @@ class LLM(EngineClientBase):
         """Process ids of the GPU and CPU executors."""
         return self._hybrid().executor_pids()
 
+    def executor_nodes(self) -> dict[str, str]:
+        """Ray node ids of the GPU and CPU executors (the same node: the one this engine runs on)."""
+        return self._hybrid().executor_nodes()
+
     def _hybrid(self) -> HybridEngine:
         engine = self._requests()
         if isinstance(engine, Engine):

@@ -58,6 +58,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = _http_api_key(args)                 # before an engine loads: a refused --host fails at once
     config = engine_config(args, engine_name=args.name)
     if not config.is_hybrid:
+        if args.replicas is not None:
+            raise ValueError("--replicas runs hybrid engines on the Ray cluster: drop --local")
         if not args.http:
             raise ValueError("--local serves an in-process engine, reachable only over HTTP: add --http")
         llm = llm_from_args(args)
@@ -67,6 +69,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             llm.shutdown()
         return 0
     from runtime.hybrid.cluster import ensure_ray
+    from runtime.serving.client import connect
+    from runtime.serving.replicas import start_replicas, stop_replicas
     from runtime.serving.service import start_service, stop_service
 
     name = config.engine_name
@@ -74,23 +78,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.detach and owns_cluster:
         raise ValueError("--detach needs a running cluster (start one with `ray start --head`); "
                          "without one the engine would die with this command")
-    _, info = start_service(config)
-    print(f"engine {name!r} serves {info['model']}; connect with runtime.serving.client.connect(name={name!r})",
-          flush=True)
+    if args.replicas is not None:
+        client, stop = start_replicas(config, args.replicas), stop_replicas
+        what = f"{args.replicas} replica(s) of {client.model_name}"
+    else:
+        client, stop = None, stop_service
+        what = start_service(config)[1]["model"]
+    print(f"engine {name!r} serves {what}; connect with runtime.serving.client.connect(name={name!r})", flush=True)
     if args.detach:
         return 0
     try:
         if args.http:
-            from runtime.serving.client import connect
-
-            _serve_http(connect(name=name), args, api_key)
+            _serve_http(client or connect(name=name), args, api_key)
         else:
             stop = threading.Event()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.set())
             stop.wait()
     finally:
-        stop_service(name)
+        stop(name)
     print(f"engine {name!r} stopped")
     return 0
 
@@ -125,11 +131,12 @@ def _serve_http(client, args: argparse.Namespace, api_key: str | None) -> None:
 def cmd_stop(args: argparse.Namespace) -> int:
     from runtime.config import EngineConfig
     from runtime.hybrid.cluster import ensure_ray
+    from runtime.serving.replicas import stop_replicas
     from runtime.serving.service import stop_service
 
     name = args.name or EngineConfig.load().engine_name
     ensure_ray(args.address or os.environ.get("RAY_ADDRESS") or "auto")
-    if not stop_service(name):
+    if not (stop_service(name) or stop_replicas(name)):
         raise ValueError(f"no engine named {name!r} runs on this cluster")
     print(f"engine {name!r} stopped")
     return 0
@@ -156,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "HTTP API. Blocks until Ctrl-C unless --detach. Every engine flag applies.")
     p.add_argument("--name", default=None, help="engine actor name (default: configs/engine.yaml)")
     p.add_argument("--detach", action="store_true", help="return at once, leave the engine on the cluster")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="N engines behind the one name (Ray Serve replicas, each reserving --num-threads CPUs on "
+                        "one node, its executors on that node); requests go to the less loaded live replica")
     p.add_argument("--http", action="store_true",
                    help="also serve /v1/completions, /v1/chat/completions, /v1/models from this process")
     p.add_argument("--host", default="127.0.0.1",

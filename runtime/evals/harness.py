@@ -19,6 +19,7 @@ from runtime.evals.humaneval import FORMATS, Problem, PromptFormat, build_prompt
 from runtime.evals.passk import mean_pass_at_k
 from runtime.evals.results import ResultStore, RunSettings, SampleRecord, sidecar, write_json
 from runtime.evals.sandbox import ExecResult, Sandbox, SandboxLimits, require_isolation
+from runtime.api import generate_retrying
 from runtime.config import EngineConfig, prompt_compute_dtype
 from runtime.llm import LLM
 from runtime.model.registry import open_model
@@ -177,7 +178,7 @@ def _generate_and_judge(cfg: EvalConfig, llm: LLM, store: ResultStore, todo: lis
         prompt = build_prompt(problem, cfg.prompt_format, llm.tokenizer.apply_chat_template)
         params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                 seed=sample_seed(cfg.seed, problem.task_id, sample), stop=stop)
-        return llm.generate([prompt], [params])[0]
+        return generate_retrying(llm, prompt, params)
 
     t0 = time.perf_counter()
     with Sandbox(cfg.num_workers, SandboxLimits(cfg.timeout_s, cfg.memory_mb)) as sandbox, \

@@ -31,6 +31,7 @@ class HybridEngine(RemoteEngine):
 
     def __init__(self, config: EngineConfig, model_dir: Path) -> None:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from actors.cpu_executor import CPUExecutor
         from actors.gpu_executor import GPUExecutor
@@ -43,7 +44,11 @@ class HybridEngine(RemoteEngine):
         thresholds = mode_thresholds(model_dir, config)
         self._cold_spec = ShardSpec([s.cold for s in splits], thresholds)
         self.owns_cluster = ensure_ray(config.address)
-        options: dict[str, Any] = {"num_cpus": 0, "runtime_env": {"env_vars": dict(RAY_ENV)}}
+        # Both executors on this process's node (a replica's, in a multi-node cluster): their per-layer data plane
+        # is shared memory, which never crosses nodes.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        options: dict[str, Any] = {"num_cpus": 0, "runtime_env": {"env_vars": dict(RAY_ENV)},
+                                   "scheduling_strategy": here}
         # Threaded: many callers wait on it at once while its engine thread batches their requests.
         gpu_cls = ray.remote(num_gpus=1 if cluster_has_gpu() else 0, max_concurrency=MAX_CALLERS, **options)(GPUExecutor)
         self._cpu_cls = ray.remote(max_restarts=0, **options)(CPUExecutor)
@@ -109,6 +114,10 @@ class HybridEngine(RemoteEngine):
 
     def executor_pids(self) -> dict[str, int]:
         return {"gpu": self._rpc(self._live_gpu(), "pid"), "cpu": self._rpc(self.cpu, "pid")}
+
+    def executor_nodes(self) -> dict[str, str]:
+        """The Ray node each executor runs on (both the engine owner's)."""
+        return {"gpu": self._rpc(self._live_gpu(), "node_id"), "cpu": self._rpc(self.cpu, "node_id")}
 
     def shutdown(self) -> None:
         import ray

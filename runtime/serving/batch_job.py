@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.api import EngineClient
+from runtime.api import EngineClient, generate_retrying
 from runtime.errors import InvalidRequestError
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
@@ -220,4 +220,4 @@ class BatchJob:
 
     def _one(self, job: Job) -> RequestOutput:
         prompt = job.prompt if job.prompt is not None else self.client.apply_chat_template(job.messages)
-        return self.client.generate([prompt], [job.params])[0]
+        return generate_retrying(self.client, prompt, job.params)

@@ -10,6 +10,7 @@ from typing import Any
 from actors.endpoint import RemoteEngine
 from runtime.api import EngineClientBase
 from runtime.errors import EngineDeadError
+from runtime.serving.replicas import ReplicaClient, connect_replicas
 
 
 class Client(EngineClientBase):
@@ -45,8 +46,9 @@ class Client(EngineClientBase):
         return self._remote.call("info")
 
 
-def connect(address: str = "auto", name: str | None = None) -> Client:
-    """Attach to the cluster at ``address`` and to the engine actor ``name`` (configs/engine.yaml default)."""
+def connect(address: str = "auto", name: str | None = None) -> Client | ReplicaClient:
+    """Attach to the cluster at ``address`` and to the engine ``name`` (configs/engine.yaml default): one engine
+    actor, or the replicas of ``pinfer serve --replicas``."""
     import ray
 
     from runtime.config import EngineConfig
@@ -57,6 +59,9 @@ def connect(address: str = "auto", name: str | None = None) -> Client:
     try:
         actor = ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
+        replicas = connect_replicas(name)
+        if replicas is not None:
+            return replicas
         raise EngineDeadError(f"no engine named {name!r} on the cluster at {address!r}; start one with "
                               f"`pinfer serve`") from None
     return Client(actor, name)
