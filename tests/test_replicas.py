@@ -1,19 +1,25 @@
 """Engine replicas (``pinfer serve --replicas``) on a multi-node Ray cluster on this machine: one raylet per
 node (``ray.cluster_utils.Cluster``), the default small model. Requests spread over replicas on different nodes
 with each replica's executors on its own node; a batch job survives losing a node mid-run (every line written
-once), and Serve brings the lost replica back when a node with room joins."""
+once), and Serve brings the lost replica back when a node with room joins, or replaces a replica whose GPU
+executor died; the HTTP API and the HumanEval harness run over the replicas."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from runtime import LLM, SamplingParams
 from runtime.config import EngineConfig
+from runtime.evals.harness import EvalConfig, run_humaneval
 from runtime.serving.batch_job import BatchJob
+from runtime.serving.http_api import BackgroundHttpServer
 
 MODEL = "smollm2-135m"
 PROMPTS = ["def fib(n):", "The capital of France is", "import os", "class Stack:"]
@@ -113,4 +119,28 @@ def test_replicas_spread_over_nodes_and_survive_a_lost_node(cluster, tmp_path: P
     # A node with room joins: Serve places the lost replica there.
     nodes[0] = c.add_node(num_cpus=1)
     _until("the lost replica to come back", lambda: _running_replicas("replicas-test") == 2, timeout=180)
+
+    # One replica's GPU executor dies: its requests fail and are sent again, its health check fails, and Serve
+    # replaces it (a new replica with new executors); the batch job loses nothing.
+    victim = client.info()
+    os.kill(victim["executor_pids"]["gpu"], signal.SIGKILL)
+    out2 = tmp_path / "out2.jsonl"
+    summary = job.run(src, out2, tmp_path / "err2.jsonl", {}, progress=False)
+    assert summary.completed == 48 and summary.errors == 0
+    replicas_now: set[str] = set()
+    _until("the broken replica to be replaced",
+           lambda: replicas_now.add(client.info()["replica"]) or (_running_replicas("replicas-test") == 2 and
+                                                                   len(replicas_now - {victim["replica"]}) == 2),
+           timeout=120, every=0.2)
+
+    # The OpenAI-compatible API and the HumanEval harness over the replicas.
+    with BackgroundHttpServer(client) as server:
+        body = json.dumps({"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0}).encode()
+        request = urllib.request.Request(server.url + "/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert json.loads(r.read())["choices"][0]["text"] == outs[0].text
+    summary = run_humaneval(EvalConfig(output=tmp_path / "he.jsonl", engine=client.config, limit=3, max_tokens=32,
+                                       allow_weak_sandbox=True), llm=client, show_progress=False)
+    assert summary["num_problems"] == 3 and summary["engine"]["runtime"] == "hybrid"
     assert stop_replicas("replicas-test") and not stop_replicas("replicas-test")

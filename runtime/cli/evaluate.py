@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from runtime.cli.args import add_engine_args, engine_config
+from runtime.config import EngineConfig
 from runtime.evals.humaneval import FORMATS
 
 
@@ -35,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-tokens", type=int, default=512, help="new tokens per sample at most (default 512)")
     g.add_argument("--batch-size", type=int, default=16, help="requests in flight at once, batched continuously (default 16)")
     add_engine_args(q, is_hybrid=None)           # in process unless a hybrid option (e.g. --hot-fraction) is set
+    q.add_argument("--engine", default=None, metavar="NAME",
+                   help="send the problems to the engine NAME started by `pinfer serve` (all its replicas) instead "
+                        "of loading one; its own engine config is recorded")
     g = q.add_argument_group("sandbox")
     g.add_argument("--workers", dest="num_workers", type=int, default=None,
                    help="programs run at once (default: CPU count, at most 8)")
@@ -57,13 +61,25 @@ def cmd_humaneval(args: argparse.Namespace) -> int:
     from runtime.evals.harness import EvalConfig, run_humaneval
 
     tasks = [t for arg in args.tasks for t in arg.split(",") if t] if args.tasks else None
-    engine = engine_config(args)
+    client = None
+    if args.engine:
+        given = sorted(n for n in EngineConfig.option_names() if n != "address" and getattr(args, n, None) is not None)
+        if given:
+            raise ValueError(f"--engine evaluates the served engine as it runs; drop the engine flags {given}")
+        import os
+
+        from runtime.serving.client import connect
+
+        client = connect(args.address or os.environ.get("RAY_ADDRESS") or "auto", args.engine)
+        engine = client.config
+    else:
+        engine = engine_config(args)
     cfg = EvalConfig(output=args.output or default_output(engine.model, args.prompt_format), engine=engine,
                      prompt_format=args.prompt_format, limit=args.limit, tasks=tasks, num_samples=args.num_samples,
                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens,
                      batch_size=args.batch_size, num_workers=args.num_workers, timeout_s=args.timeout_s,
                      memory_mb=args.memory_mb, allow_weak_sandbox=args.allow_weak_sandbox)
-    summary = run_humaneval(cfg)
+    summary = run_humaneval(cfg, llm=client)
     print(json.dumps(summary, indent=2))
     passes = ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith("pass@"))
     print(f"[humaneval {summary['prompt_format']} on {summary['engine']['model']}: {passes} "

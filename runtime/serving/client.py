@@ -4,25 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cached_property
 from typing import Any
 
 from actors.endpoint import RemoteEngine
-from runtime.api import EngineClientBase
 from runtime.errors import EngineDeadError
 from runtime.serving.replicas import ReplicaClient, connect_replicas
+from runtime.serving.served import ServedEngine
 
 
-class Client(EngineClientBase):
+class Client(ServedEngine):
     """Requests from every client are batched together on the engine."""
 
     def __init__(self, actor: Any, name: str) -> None:
         self._actor = actor
         self.name = name
         self._remote = RemoteEngine(lambda: actor, self._engine_gone)
-
-    def _requests(self) -> RemoteEngine:
-        return self._remote
 
     @contextmanager
     def _engine_gone(self) -> Iterator[None]:
@@ -32,18 +28,6 @@ class Client(EngineClientBase):
             yield
         except RayActorError as e:
             raise EngineDeadError(f"engine {self.name!r} is gone: {e}") from None
-
-    @cached_property
-    def model_name(self) -> str:
-        """Name of the model the engine serves."""
-        return str(self.info()["model"])
-
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        return self._remote.call("apply_chat_template", messages)
-
-    def info(self) -> dict[str, Any]:
-        """The served model, its context length and the engine config it runs."""
-        return self._remote.call("info")
 
 
 def connect(address: str = "auto", name: str | None = None) -> Client | ReplicaClient:

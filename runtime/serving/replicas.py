@@ -19,15 +19,15 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import asdict
-from functools import cached_property
 from typing import Any
 
-from runtime.api import EngineClientBase, acancel_on_exit, cancel_on_exit, new_request_id
+from runtime.api import acancel_on_exit, cancel_on_exit, new_request_id
 from runtime.config import EngineConfig
 from runtime.errors import EngineDeadError
 from runtime.hybrid.cluster import RAY_ENV
 from runtime.outputs import EngineStats, RequestOutput, StreamChunk
 from runtime.sampling import SamplingParams
+from runtime.serving.served import ServedEngine
 
 logger = logging.getLogger(__name__)
 DEPLOYMENT = "engine"
@@ -62,7 +62,7 @@ class EngineReplica:
         return {"model": self.engine.model_name, "model_dir": str(self.engine.model_dir),
                 "max_model_len": self.engine.max_model_len, "config": asdict(self.engine.config),
                 "replica": self.replica, "node": self.node, "pid": os.getpid(),
-                "executor_nodes": self.engine.executor_nodes()}
+                "executor_nodes": self.engine.executor_nodes(), "executor_pids": self.engine.executor_pids()}
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         return self.engine.apply_chat_template(messages)
@@ -151,30 +151,12 @@ class ReplicaEngine:
             return getattr(self.handle, method).remote(*args).result()
 
 
-class ReplicaClient(EngineClientBase):
+class ReplicaClient(ServedEngine):
     """Requests spread over every live replica; the same interface as ``LLM`` and a served engine's client."""
 
     def __init__(self, handle: Any, name: str) -> None:
         self.name = name
         self._remote = ReplicaEngine(handle, name)
-
-    def _requests(self) -> ReplicaEngine:
-        return self._remote
-
-    @cached_property
-    def model_name(self) -> str:
-        return str(self.info()["model"])
-
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        return self._remote.call("apply_chat_template", messages)
-
-    def info(self) -> dict[str, Any]:
-        """One replica's model, engine config, node and executors' nodes."""
-        return self._remote.call("info")
-
-    def stats(self) -> EngineStats:
-        """One replica's engine counters."""
-        return self._remote.call("stats")
 
 
 def replica_cpus(config: EngineConfig) -> float:
