@@ -204,6 +204,28 @@ def test_threshold_modes_skip_exactly_the_small_activations(isa: str, fmt_gu: st
         qk.qffn(x, ungated, idx[:3], "silu", 1, tau_gate=0.1)
 
 
+@pytest.mark.parametrize("condition", ["none", "mask", "tau_gate", "tau_a", "tau_each"])
+def test_sparse_ffn_rows_are_batch_invariant(isa: str, condition: str) -> None:
+    """A batch (2..23 rows: decoding several sequences) gives each row what that row alone gives, bit for bit,
+    in every mode: the same neuron groups per thread, the same sums in the same order (a request's tokens do not
+    depend on what else runs)."""
+    q, m = _neurons("q8_0", "q8_0", n=97)
+    x = torch.randn(6, q.d)
+    idx = torch.randperm(q.num_neurons)[:90]
+    xr = x_reference(x)
+    g = torch.nn.functional.silu(xr @ m["gate"][idx].T)
+    a = g * (xr @ m["up"][idx].T)
+    mask = torch.rand(6, len(idx)) < 0.6
+    kw = {"none": {}, "mask": {"row_mask": mask}, "tau_gate": {"tau_gate": g.abs().median().item()},
+          "tau_a": {"tau_a": a.abs().median().item()},
+          "tau_each": {"tau_a": torch.rand(q.num_neurons) * a.abs().median().item() * 2}}[condition]
+    for threads in (1, 2, 3):
+        y, used = qk.qffn(x, q, idx, "silu", threads, **kw)
+        alone = [qk.qffn(x[r:r + 1], q, idx, "silu", threads,
+                         **{k: (v[r:r + 1] if k == "row_mask" else v) for k, v in kw.items()}) for r in range(6)]
+        assert torch.equal(y, torch.cat([o for o, _ in alone])) and used == sum(n for _, n in alone)
+
+
 def test_ungated_ffn_and_other_activations(isa: str) -> None:
     q, m = _neurons("q8_0", "q8_0", gated=False)
     idx = torch.arange(0, q.num_neurons, 2)
