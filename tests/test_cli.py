@@ -37,6 +37,13 @@ def test_generate_bad_input_is_a_clear_error(tiny_model_dir: Path) -> None:
     assert r.returncode == 2 and "Known models" in r.stderr
 
 
+def test_served_engine_flags_that_contradict_each_other_are_refused() -> None:
+    r = run("serve", "--replicas", "2", "--local", "--http")
+    assert r.returncode == 2 and "--replicas runs hybrid engines" in r.stderr
+    r = run("eval", "humaneval", "--engine", "pinfer-engine", "--sparsity", "gate")
+    assert r.returncode == 2 and "drop the engine flags ['sparsity']" in r.stderr
+
+
 def test_models_lists_the_registry() -> None:
     r = run("models")
     assert r.returncode == 0 and "smollm2-135m" in r.stdout and "qwen2.5-coder-1.5b" in r.stdout
