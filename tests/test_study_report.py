@@ -53,6 +53,7 @@ def test_pass1_against_speed_picks_the_fastest_setting_within_1_and_5_points(tmp
     write_run(root, "m", "wina-s50", [True] * 81 + [False] * 83, kind="q8")                    # 49.4%: -0.6 pts
     write_run(root, "m", "wina-s70", [True] * 76 + [False] * 88, kind="q8")                    # 46.3%: -3.7 pts
     write_run(root, "m", "gate-s70", [True] * 40 + [False] * 124, kind="q8")                   # 24.4%
+    (root / "m" / "raw-q8-dense-s00.summary.json").write_text(json.dumps({"settings": {"prompt_compute": "bfloat16"}}))
     rows = [{"mode": mode, "target": s, "speed_ratio": v} for mode, s, v in
             (("wina", 0.5, 1.1), ("wina", 0.7, 1.2), ("gate", 0.7, 1.3))]
     (tmp_path / "results" / "sparsity_m.json").write_text(json.dumps({"model": "m", "weights": "q8", "rows": rows}))
@@ -67,5 +68,6 @@ def test_pass1_against_speed_picks_the_fastest_setting_within_1_and_5_points(tmp
     assert "| m | wina 50.0% (1.10x, 49.4%) | wina 70.0% (1.20x, 46.3%) |" in md   # within 1 point, within 5
     assert (tmp_path / "report-pareto.png").stat().st_size > 0
     text = readme.read_text()
-    assert text.startswith("before\n<!-- study-summary:begin -->\n- **raw prompts, q8**") and "old" not in text
+    assert text.startswith("before\n<!-- study-summary:begin -->\n- **raw prompts, q8, prompts multiplied in "
+                           "bfloat16**") and "old" not in text
     assert "within 5 points: wina 70.0% (1.20x, 46.3%)" in text and text.endswith("<!-- study-summary:end -->\nafter\n")
