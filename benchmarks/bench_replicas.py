@@ -57,7 +57,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--weights", default="q8", choices=["q8", "q4", "fp32"])
     ap.add_argument("--replicas", default="1,2,3", help="replica counts to measure")
-    ap.add_argument("--cpus-per-node", type=int, default=1, help="logical CPUs of each worker node (one replica's)")
+    ap.add_argument("--cpus-per-node", type=int, default=2,
+                    help="logical CPUs of each worker node: one replica's (1 GPU-executor thread, the rest CPU-executor)")
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
@@ -90,7 +91,8 @@ def main() -> None:
     prompts = [tok.apply_chat_template([{"role": "user", "content": f"Write a Python function that {TASKS[i % len(TASKS)]}"
                                          f" (variant {i})."}]) for i in range(args.requests)]
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
-    config = EngineConfig.resolve(model=args.model, weights=args.weights, num_threads=args.cpus_per_node)
+    config = EngineConfig.resolve(model=args.model, weights=args.weights, gpu_threads=1,
+                                  cpu_threads=max(1, args.cpus_per_node - 1))
     settings = ["direct"] + [f"replicas={n}" for n in counts]
     results: dict[str, list[dict]] = {s: [] for s in settings}
     try:

@@ -3,10 +3,12 @@ share, and the one helper that cancels a stream its consumer leaves early."""
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
+from runtime.errors import EngineDeadError
 from runtime.outputs import RequestOutput, StreamChunk
 from runtime.sampling import SamplingParams
 
@@ -74,19 +76,13 @@ def generate_retrying(client: EngineClient, prompt: str, params: SamplingParams,
                       backoff_s: float = 1.0) -> RequestOutput:
     """One prompt's output, sent again (up to ``retries`` times, waiting 1, 2, 4... x ``backoff_s``) when the engine
     died under it (``EngineDeadError``: a replica lost with its node, a replaced executor); other errors at once."""
-    import time
-
-    from runtime.errors import EngineDeadError
-
-    for attempt in range(retries + 1):
+    for attempt in range(retries):
         try:
             return client.generate([prompt], [params])[0]
         except EngineDeadError as e:
-            if attempt == retries:
-                raise
             logger.warning("%s; sending the request again (%d/%d)", e, attempt + 1, retries)
             time.sleep(backoff_s * 2 ** attempt)
-    raise AssertionError("unreachable")
+    return client.generate([prompt], [params])[0]
 
 
 def expand_params(params: SamplingParams | list[SamplingParams] | None, n: int) -> list[SamplingParams]:

@@ -118,6 +118,31 @@ def test_serve_batches_three_client_processes_generate_agenerate_stream(ray_head
     assert again.returncode == 2 and "no engine named" in again.stderr
 
 
+@pytest.mark.parametrize("replicas", [[], ["--replicas", "1"]], ids=["one engine", "replicas"])
+def test_serve_until_interrupted_stops_its_engine(ray_head: dict, replicas: list[str]) -> None:
+    """`pinfer serve` without --detach serves until Ctrl-C, then stops its engine (one actor, or Serve replicas)."""
+    import signal
+
+    pinfer, name = [str(VENV_BIN / "pinfer")], "pinfer-foreground"
+    serve = subprocess.Popen([*pinfer, "serve", "--address", "auto", "--name", name, *replicas], env=ray_head,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = serve.stdout.readline()                  # printed once the engine answers
+        assert f"engine {name!r} serves" in line, serve.stderr.read() if serve.wait(timeout=5) is not None else line
+        client = _py(f"from runtime.serving.client import connect\n"
+                     f"print(connect('auto', {name!r}).generate(['def fib(n):'])[0].text)", ray_head)
+        assert client.wait(timeout=120) == 0, client.stderr.read()
+        serve.send_signal(signal.SIGINT)
+        out, err = serve.communicate(timeout=120)
+        assert serve.returncode == 0 and f"engine {name!r} stopped" in out, err
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    again = subprocess.run([*pinfer, "stop", "--name", name], env=ray_head, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 2 and "no engine named" in again.stderr
+
+
 def test_a_served_engine_honours_every_engine_flag(ray_head: dict, calibrated_tiny: Path) -> None:
     """`pinfer serve --sparsity gate ...` serves a gate-mode engine: the in-process gate engine's tokens, not
     the dense engine's."""

@@ -28,7 +28,8 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head without CPUs for work (Serve's controller) and two one-CPU nodes: one replica fits on each."""
+    """A head without CPUs for work (Serve's controller) and two two-CPU nodes: one replica (1 + 1 executor
+    threads) fits on each."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -38,7 +39,7 @@ def cluster():
         ray.shutdown()
     ensure_auth_token()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [c.add_node(num_cpus=1) for _ in range(2)]
+    nodes = [c.add_node(num_cpus=2) for _ in range(2)]
     ray.init(address=c.address, namespace=NAMESPACE, log_to_driver=False)
     c.wait_for_nodes()
     yield c, nodes
@@ -75,8 +76,8 @@ def test_replicas_spread_over_nodes_and_survive_a_lost_node(cluster, tmp_path: P
     c, nodes = cluster
     # Every neuron on the GPU executor's side: a replica's tokens then equal the in-process engine's bit for bit
     # (a hot/cold split sums the same partials in another order: equal up to rounding, tests/test_quantized.py).
-    config = EngineConfig.resolve(model=MODEL, num_threads=1, hot_fraction=1.0, engine_name="replicas-test")
-    with pytest.raises(ValueError, match="do not fit"):            # 3 one-CPU replicas, 2 CPUs: refused at once
+    config = EngineConfig.resolve(model=MODEL, hot_fraction=1.0, engine_name="replicas-test")   # 1 + 1 threads
+    with pytest.raises(ValueError, match="do not fit"):            # 3 two-CPU replicas, 2 x 2 CPUs: refused at once
         start_replicas(config, 3)
     client = start_replicas(config, 2)
     assert connect(c.address, "replicas-test").model_name == MODEL  # the name finds the replicas too
@@ -117,7 +118,7 @@ def test_replicas_spread_over_nodes_and_survive_a_lost_node(cluster, tmp_path: P
     assert client.generate(PROMPTS[:1], GREEDY)[0].token_ids == want[0]       # the endpoint keeps answering
 
     # A node with room joins: Serve places the lost replica there.
-    nodes[0] = c.add_node(num_cpus=1)
+    nodes[0] = c.add_node(num_cpus=2)
     _until("the lost replica to come back", lambda: _running_replicas("replicas-test") == 2, timeout=180)
 
     # One replica's GPU executor dies: its requests fail and are sent again, its health check fails, and Serve

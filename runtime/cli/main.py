@@ -79,10 +79,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--detach needs a running cluster (start one with `ray start --head`); "
                          "without one the engine would die with this command")
     if args.replicas is not None:
-        client, stop = start_replicas(config, args.replicas), stop_replicas
+        client, stop_engine = start_replicas(config, args.replicas), stop_replicas
         what = f"{args.replicas} replica(s) of {client.model_name}"
     else:
-        client, stop = None, stop_service
+        client, stop_engine = None, stop_service
         what = start_service(config)[1]["model"]
     print(f"engine {name!r} serves {what}; connect with runtime.serving.client.connect(name={name!r})", flush=True)
     if args.detach:
@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 signal.signal(sig, lambda *_: stop.set())
             stop.wait()
     finally:
-        stop(name)
+        stop_engine(name)
     print(f"engine {name!r} stopped")
     return 0
 
@@ -164,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="engine actor name (default: configs/engine.yaml)")
     p.add_argument("--detach", action="store_true", help="return at once, leave the engine on the cluster")
     p.add_argument("--replicas", type=int, default=None, metavar="N",
-                   help="N engines behind the one name (Ray Serve replicas, each reserving --num-threads CPUs on "
-                        "one node, its executors on that node); requests go to the less loaded live replica")
+                   help="N engines behind the one name (Ray Serve replicas, each reserving --gpu-threads + "
+                        "--cpu-threads CPUs (default 1 + 1) on one node, its executors on that node); requests go to "
+                        "the less loaded live replica")
     p.add_argument("--http", action="store_true",
                    help="also serve /v1/completions, /v1/chat/completions, /v1/models from this process")
     p.add_argument("--host", default="127.0.0.1",

@@ -3,7 +3,7 @@
 Each replica is one hybrid engine: a Serve replica actor holding an ``LLM`` whose GPU and CPU executors are
 its children, pinned to the replica's node (``runtime/hybrid/driver.py``: the per-layer shared-memory data
 plane never crosses nodes). A replica reserves the CPUs its engine computes with (a placement-group bundle of
-``num_threads`` CPUs on one node), so replicas spread over nodes by capacity. Serve routes every request to
+``gpu_threads + cpu_threads`` CPUs on one node, one each by default), so replicas spread over nodes by capacity. Serve routes every request to
 the less loaded of two live replicas it samples (queue lengths), restarts a replica whose engine fails its
 health check or whose node dies (where capacity exists), and carries streams as generators. Serve's own HTTP
 proxy stays off: the endpoint is pinfer's OpenAI-compatible server (auth, connection caps, deadlines) over a
@@ -18,7 +18,7 @@ import os
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from runtime.api import acancel_on_exit, cancel_on_exit, new_request_id
@@ -159,9 +159,10 @@ class ReplicaClient(ServedEngine):
         self._remote = ReplicaEngine(handle, name)
 
 
-def replica_cpus(config: EngineConfig) -> float:
-    """CPUs one replica reserves: the threads its engine computes with."""
-    return float(max(1, config.num_threads or 1))
+def replica_threads(config: EngineConfig) -> EngineConfig:
+    """``config`` with its executors' thread counts fixed (default one each): what a replica computes with, and
+    so reserves, wherever it lands."""
+    return replace(config, gpu_threads=config.gpu_threads or 1, cpu_threads=config.cpu_threads or 1)
 
 
 def check_capacity(replicas: int, cpus: float) -> None:
@@ -171,7 +172,7 @@ def check_capacity(replicas: int, cpus: float) -> None:
     fits = sum(int(n["Resources"].get("CPU", 0) // cpus) for n in ray.nodes() if n["Alive"])
     if fits < replicas:
         raise ValueError(f"{replicas} replica(s) of {cpus:g} CPUs each do not fit this cluster (room for {fits}); "
-                         f"add nodes (`ray start --address ...`), or lower --num-threads or --replicas")
+                         f"add nodes (`ray start --address ...`), or lower --gpu-threads, --cpu-threads or --replicas")
 
 
 def start_replicas(config: EngineConfig, replicas: int) -> ReplicaClient:
@@ -180,7 +181,8 @@ def start_replicas(config: EngineConfig, replicas: int) -> ReplicaClient:
 
     if replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {replicas}")
-    cpus = replica_cpus(config)
+    config = replica_threads(config)
+    cpus = float(config.gpu_threads + config.cpu_threads)
     check_capacity(replicas, cpus)
     serve.start(proxy_location="Disabled")   # no Serve HTTP proxy (it would bind 0.0.0.0): pinfer's API is the endpoint
     app = serve.deployment(
