@@ -145,3 +145,23 @@ def test_replicas_spread_over_nodes_and_survive_a_lost_node(cluster, tmp_path: P
                                        allow_weak_sandbox=True), llm=client, show_progress=False)
     assert summary["num_problems"] == 3 and summary["engine"]["runtime"] == "hybrid"
     assert stop_replicas("replicas-test") and not stop_replicas("replicas-test")
+
+
+@pytest.mark.slow
+def test_replicas_grow_under_load_and_shrink_when_idle(cluster) -> None:
+    """--max-replicas: Serve adds a replica while more than max_batch_size requests per replica are in flight,
+    and removes it once idle (delays shortened for the test)."""
+    from runtime.serving.replicas import start_replicas, stop_replicas
+
+    config = EngineConfig.resolve(model=MODEL, max_batch_size=2, engine_name="autoscale-test")
+    client = start_replicas(config, 1, 2, upscale_delay_s=1.0, downscale_delay_s=3.0, metrics_interval_s=0.5,
+                            look_back_period_s=2.0)
+    try:
+        assert _running_replicas("autoscale-test") == 1
+        load = threading.Thread(target=client.generate, args=(PROMPTS * 6, SamplingParams(max_tokens=64)))
+        load.start()
+        _until("a second replica under load", lambda: _running_replicas("autoscale-test") == 2, timeout=90)
+        load.join(timeout=300)
+        _until("back to one replica when idle", lambda: _running_replicas("autoscale-test") == 1, timeout=120)
+    finally:
+        stop_replicas("autoscale-test")

@@ -78,8 +78,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.detach and owns_cluster:
         raise ValueError("--detach needs a running cluster (start one with `ray start --head`); "
                          "without one the engine would die with this command")
+    if args.max_replicas is not None and args.replicas is None:
+        raise ValueError("--max-replicas sets how far --replicas may grow: give --replicas too")
     if args.replicas is not None:
-        client, stop_engine = start_replicas(config, args.replicas), stop_replicas
+        client, stop_engine = start_replicas(config, args.replicas, args.max_replicas), stop_replicas
         what = f"{args.replicas} replica(s) of {client.model_name}"
     else:
         client, stop_engine = None, stop_service
@@ -167,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N engines behind the one name (Ray Serve replicas, each reserving --gpu-threads + "
                         "--cpu-threads CPUs (default 1 + 1) on one node, its executors on that node); requests go to "
                         "the less loaded live replica")
+    p.add_argument("--max-replicas", type=int, default=None, metavar="M",
+                   help="with --replicas N: grow up to M replicas while more than max_batch_size requests per replica "
+                        "are in flight (Ray Serve autoscaling, where the cluster has room), back to N when idle")
     p.add_argument("--http", action="store_true",
                    help="also serve /v1/completions, /v1/chat/completions, /v1/models from this process")
     p.add_argument("--host", default="127.0.0.1",

@@ -175,18 +175,28 @@ def check_capacity(replicas: int, cpus: float) -> None:
                          f"add nodes (`ray start --address ...`), or lower --gpu-threads, --cpu-threads or --replicas")
 
 
-def start_replicas(config: EngineConfig, replicas: int) -> ReplicaClient:
-    """Deploy ``replicas`` engines as the Serve application ``config.engine_name``; returns once all answer."""
+def start_replicas(config: EngineConfig, replicas: int, max_replicas: int | None = None,
+                   **autoscaling: float) -> ReplicaClient:
+    """Deploy ``replicas`` engines as the Serve application ``config.engine_name``; returns once they answer. With
+    ``max_replicas``, Serve grows the deployment up to that many while more than ``max_batch_size`` requests per
+    replica are in flight, and shrinks it back to ``replicas`` when idle (``autoscaling``: Serve's other
+    autoscaling settings, e.g. ``upscale_delay_s``)."""
     from ray import serve
 
     if replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {replicas}")
+    if max_replicas is not None and max_replicas < replicas:
+        raise ValueError(f"--max-replicas ({max_replicas}) must be at least --replicas ({replicas})")
     config = replica_threads(config)
     cpus = float(config.gpu_threads + config.cpu_threads)
     check_capacity(replicas, cpus)
     serve.start(proxy_location="Disabled")   # no Serve HTTP proxy (it would bind 0.0.0.0): pinfer's API is the endpoint
+    scaling = {"num_replicas": replicas} if max_replicas is None else {"autoscaling_config": {
+        "min_replicas": replicas, "initial_replicas": replicas, "max_replicas": max_replicas,
+        "target_ongoing_requests": config.max_batch_size, "upscale_delay_s": 10.0, "downscale_delay_s": 60.0,
+        **autoscaling}}
     app = serve.deployment(
-        EngineReplica, name=DEPLOYMENT, num_replicas=replicas, max_ongoing_requests=MAX_ONGOING,
+        EngineReplica, name=DEPLOYMENT, max_ongoing_requests=MAX_ONGOING, **scaling,
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(RAY_ENV)}},
         placement_group_bundles=[{"CPU": cpus}], placement_group_strategy="STRICT_PACK",
         health_check_period_s=2.0, health_check_timeout_s=30.0, graceful_shutdown_timeout_s=10.0,
