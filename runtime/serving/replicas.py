@@ -71,8 +71,8 @@ class EngineReplica:
         return self.engine.stats()
 
     def check_health(self) -> None:
-        """Serve's periodic probe: a dead GPU executor raises here, and Serve replaces this replica (its
-        executors die with it). A dead CPU executor is replaced by the engine itself."""
+        """Serve's periodic probe (every 2 s): both executors must answer; a dead one raises here, and Serve
+        replaces this replica with a new one (its executors die with it)."""
         self.engine.executor_pids()
 
     def __del__(self) -> None:
