@@ -341,6 +341,7 @@ def test_runs_resume_and_refuse_other_settings(smollm, tmp_path: Path) -> None:
     again = run_humaneval(cfg, smollm, show_progress=False)          # nothing left to generate
     assert again["num_new_samples"] == 0 and out.read_text().splitlines() == lines
     assert again["machine"] == first["machine"]                        # where the samples came from, kept
+    assert again["wall_s"] == first["wall_s"] and again["throughput_tokens_per_s"] == first["throughput_tokens_per_s"]
     assert {k: again[k] for k in ("pass@1", "num_passed", "status")} == \
         {k: first[k] for k in ("pass@1", "num_passed", "status")}
 

@@ -119,7 +119,10 @@ def run_humaneval(cfg: EvalConfig, llm: LLM | None = None, show_progress: bool =
         finally:
             if owns_llm:
                 llm.shutdown()
-    summary["machine"] = machine(settings.hot_fraction is not None) if todo else _previous_machine(cfg.output)
+    if todo:
+        summary["machine"] = machine(settings.hot_fraction is not None)
+    else:
+        summary.update(_previous_run(cfg.output))
     write_json(sidecar(cfg.output, "summary"), summary)
     return summary
 
@@ -134,12 +137,15 @@ def machine(hybrid: bool) -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "cpu": platform.machine(), "gpu": gpu}
 
 
-def _previous_machine(output: Path) -> dict[str, Any] | None:
-    """A rerun that generated nothing keeps the machine its summary named."""
+def _previous_run(output: Path) -> dict[str, Any]:
+    """A rerun that generated nothing keeps the machine and the times its summary named (those of the run that
+    generated the samples)."""
     try:
-        return json.loads(sidecar(output, "summary").read_text()).get("machine")
+        old = json.loads(sidecar(output, "summary").read_text())
     except (OSError, ValueError):
-        return None
+        return {"machine": None}
+    return {"machine": old.get("machine"),
+            **{k: old[k] for k in ("wall_s", "throughput_tokens_per_s", "generation_wall_s") if k in old}}
 
 
 class _Progress:
