@@ -88,7 +88,7 @@ def test_replicas_spread_over_nodes_and_survive_a_lost_node(cluster, tmp_path: P
            timeout=60, every=0.1)
     assert len({i["node"] for i in infos.values()}) == 2
     for i in infos.values():
-        assert i["executor_nodes"] == {"gpu": i["node"], "cpu": i["node"]}
+        assert i["executor_nodes"] == {"gpu": i["node"], "cpu": i["node"]} and i["placement_group"] is not None
 
     # Every replica computes what one in-process engine does, and requests go to both.
     local = LLM(MODEL, weights="q8", num_threads=1)

@@ -31,7 +31,8 @@ class HybridEngine(RemoteEngine):
 
     def __init__(self, config: EngineConfig, model_dir: Path) -> None:
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        from ray.util import get_current_placement_group
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
         from actors.cpu_executor import CPUExecutor
         from actors.gpu_executor import GPUExecutor
@@ -44,9 +45,12 @@ class HybridEngine(RemoteEngine):
         thresholds = mode_thresholds(model_dir, config)
         self._cold_spec = ShardSpec([s.cold for s in splits], thresholds)
         self.owns_cluster = ensure_ray(config.address)
-        # Both executors on this process's node (a replica's, in a multi-node cluster): their per-layer data plane
-        # is shared memory, which never crosses nodes.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        # Both executors beside this process: in its placement group's bundle (a replica's, which holds the GPU the
+        # GPU executor asks for), else on its node. Their per-layer data plane is shared memory: it never crosses
+        # nodes.
+        group = get_current_placement_group()
+        here = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0) if group is not None else \
+            NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         options: dict[str, Any] = {"num_cpus": 0, "runtime_env": {"env_vars": dict(RAY_ENV)},
                                    "scheduling_strategy": here}
         # Threaded: many callers wait on it at once while its engine thread batches their requests.

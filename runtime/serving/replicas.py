@@ -24,7 +24,7 @@ from typing import Any
 from runtime.api import acancel_on_exit, cancel_on_exit, new_request_id
 from runtime.config import EngineConfig
 from runtime.errors import EngineDeadError
-from runtime.hybrid.cluster import RAY_ENV
+from runtime.hybrid.cluster import RAY_ENV, cluster_has_gpu
 from runtime.outputs import EngineStats, RequestOutput, StreamChunk
 from runtime.sampling import SamplingParams
 from runtime.serving.served import ServedEngine
@@ -46,6 +46,8 @@ class EngineReplica:
         self.engine = LLM(config=config, is_hybrid=True)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.node = ray.get_runtime_context().get_node_id()
+        group = ray.util.get_current_placement_group()
+        self.group = None if group is None else group.id.hex()        # the bundle its executors share with it
 
     async def generate(self, prompt: str, params: SamplingParams) -> RequestOutput:
         out = await self.engine.agenerate(prompt, params)
@@ -62,7 +64,8 @@ class EngineReplica:
         return {"model": self.engine.model_name, "model_dir": str(self.engine.model_dir),
                 "max_model_len": self.engine.max_model_len, "config": asdict(self.engine.config),
                 "replica": self.replica, "node": self.node, "pid": os.getpid(),
-                "executor_nodes": self.engine.executor_nodes(), "executor_pids": self.engine.executor_pids()}
+                "executor_nodes": self.engine.executor_nodes(), "executor_pids": self.engine.executor_pids(),
+                "placement_group": self.group}
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         return self.engine.apply_chat_template(messages)
@@ -198,7 +201,8 @@ def start_replicas(config: EngineConfig, replicas: int, max_replicas: int | None
     app = serve.deployment(
         EngineReplica, name=DEPLOYMENT, max_ongoing_requests=MAX_ONGOING, **scaling,
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(RAY_ENV)}},
-        placement_group_bundles=[{"CPU": cpus}], placement_group_strategy="STRICT_PACK",
+        placement_group_bundles=[{"CPU": cpus, **({"GPU": 1.0} if cluster_has_gpu() else {})}],
+        placement_group_strategy="STRICT_PACK",
         health_check_period_s=2.0, health_check_timeout_s=30.0, graceful_shutdown_timeout_s=10.0,
     ).bind(config)
     handle = serve.run(app, name=config.engine_name, route_prefix=None)
