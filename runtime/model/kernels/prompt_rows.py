@@ -20,7 +20,7 @@ import torch
 from runtime.config import prompt_compute_dtype
 from runtime.model.activations import ACTIVATIONS
 from runtime.model.kernels.quantized import QMatrix, QNeurons, lib
-from runtime.model.qformat import FORMAT_CODES, QK
+from runtime.model.qformat import BLOCK_BYTES, FORMAT_CODES, QK
 
 PROMPT_ROWS = 24                # rows from which products run here (fewer: the 8-bit kernels; ~16 break even on AMX)
 CHUNK_ELEMS = 1 << 22           # weights dequantized at a time (8 MiB in bfloat16)
@@ -50,7 +50,7 @@ def _dequantized(w: QMatrix, name: str, rows: slice, cols: slice | None = None,
     if buf is None or buf.dtype != dtype or buf.numel() < n * k:
         buf = _scratch.buffers[name] = torch.empty(max(n * k, CHUNK_ELEMS), dtype=dtype)
     out = buf[:n * k].view(n, k)
-    base = w.ptr + rows.start * w.ld + c0 // QK * (w.ld // (w.k // QK))
+    base = w.ptr + rows.start * w.ld + c0 // QK * BLOCK_BYTES[w.fmt]
     if lib().pinfer_dequantize_rows(base, FORMAT_CODES[w.fmt], w.ld, k, None, n, out.data_ptr(),
                                     int(dtype == torch.bfloat16), num_threads) != 0:
         raise MemoryError("could not allocate the dequantization buffers")
