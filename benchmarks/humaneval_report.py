@@ -124,15 +124,20 @@ def retained(base: Run, r: Run) -> tuple[float, float]:
     return dense, (point / dense if dense else float("nan"))
 
 
-def paired(runs: list[Run], dense: dict[str, Run]) -> tuple[list[str], dict[tuple[str, str, float], float]]:
+Diff = tuple[float, float, float, int]      # second model's Pass@1 kept minus the first's, 95% interval, problems
+
+
+def paired(runs: list[Run], dense: dict[str, Run]) -> tuple[list[str], dict[tuple[str, str, float], float],
+                                                           dict[tuple[str, float], Diff]]:
     """Each (mode, sparsity) run by every model, on the problems all of them (and their dense runs) share:
-    table rows, and each model's Pass@1 kept there, keyed (model, mode, sparsity)."""
+    table rows, each model's Pass@1 kept there, keyed (model, mode, sparsity), and for two models the
+    difference of what they keep, keyed (mode, sparsity)."""
     models = sorted(dense)
     by_point: dict[tuple[str, float], dict[str, Run]] = {}
     for r in runs:
         if r.hot_fraction is None and r.mode != "dense" and r.model in dense:
             by_point.setdefault((r.mode, r.sparsity), {})[r.model] = r
-    rows, kept = [], {}
+    rows, kept, diffs = [], {}, {}
     for (mode, s), got in sorted(by_point.items()):
         if len(models) < 2 or set(got) != set(models):
             continue
@@ -147,10 +152,10 @@ def paired(runs: list[Run], dense: dict[str, Run]) -> tuple[list[str], dict[tupl
             cells.append(f"{fmt_pct(d)} -> {fmt_pct(p)} ({fmt_pct(kept[(m, mode, s)])})")
         if len(models) == 2:
             lo, hi = kept_difference_ci(dense, got, models, sorted(common))
-            cells.append(f"{fmt_pts(kept[(models[1], mode, s)] - kept[(models[0], mode, s)])} "
-                         f"[{fmt_pts(lo)}, {fmt_pts(hi)}]")
+            diffs[(mode, s)] = (kept[(models[1], mode, s)] - kept[(models[0], mode, s)], lo, hi, len(common))
+            cells.append(f"{fmt_pts(diffs[(mode, s)][0])} [{fmt_pts(lo)}, {fmt_pts(hi)}]")
         rows.append(f"| {mode} | {fmt_pct(s)} | {len(common)} | " + " | ".join(cells) + " |")
-    return rows, kept
+    return rows, kept, diffs
 
 
 def kept_difference_ci(dense: dict[str, Run], got: dict[str, Run], models: list[str], tasks: list[str],
@@ -238,6 +243,31 @@ def where(summary: dict) -> str:
     return f"{runtime}, {m.get('cpus')} CPUs" + (f" + {m['gpu']}" if m.get("gpu") else "")
 
 
+@dataclass
+class HotCheck:
+    """One model's hot sweep: completions token-identical to the reference at each GPU share."""
+    model: str
+    mask: str                                                    # the fixed sparsity mask, e.g. "wina 70.0%"
+    reference: str
+    shares: list[tuple[float, int, int]] = field(default_factory=list)   # (GPU share, identical, compared)
+
+
+@dataclass
+class Report:
+    """What one prompt format and dtype's points say (for the README summary and the study document)."""
+    fmt: str
+    kind: str
+    tables: str                                                  # the generated tables' file name
+    runs: list[Run]
+    dense: dict[str, Run]
+    summary: list[str]                                           # the README bullets
+    knees: dict[tuple[str, str], float | None]
+    knee_cis: dict[tuple[str, str], tuple | None]
+    diffs: dict[tuple[str, float], Diff]
+    hot: list[HotCheck]
+    speeds: dict[str, list]
+
+
 def prompt_compute(runs: list[Run]) -> str:
     """How quantized points multiplied their prompts (``prompt_compute`` in their settings): a point run with
     another float type rounds differently, so more than one here means the family mixes numerics."""
@@ -261,36 +291,40 @@ def main() -> None:
     ap.add_argument("--format", default="raw", choices=["raw", "chat"])
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "q8", "q4"],
                     help="the runs' float dtype, or their weight format for q8/q4 runs (as threshold_sweep names them)")
-    ap.add_argument("--all", action="store_true", help="every format and dtype found under --root, one report each")
+    ap.add_argument("--all", action="store_true", help="every format and dtype found under --root, one report each, "
+                    "and the study document with its answer, beside --root (results/humaneval_threshold.md)")
     ap.add_argument("--readme", type=Path, default=None,
                     help=f"rewrite the study summary between {README_BEGIN} and {README_END} in this file")
     ap.add_argument("--root", type=Path, default=RESULTS / "humaneval")
-    ap.add_argument("--out", type=Path, default=None, help="default: results/humaneval_threshold (+ -FORMAT-DTYPE "
-                    "when not raw/bfloat16)")
+    ap.add_argument("--out", type=Path, default=None, help="stem of the files of one report; default (and always "
+                    "with --all) beside --root: humaneval_threshold (+ -FORMAT-DTYPE when not raw/bfloat16)")
     args = ap.parse_args()
     quiet_logs()
     combos = sorted({tuple(p.stem.split("-")[:2]) for p in args.root.glob("*/*.jsonl")}) if args.all \
         else [(args.format, args.dtype)]
-    summary = []
+    reports = []
     for fmt, kind in combos:
         one = argparse.Namespace(**{**vars(args), "format": fmt, "dtype": kind})
         if args.out is None or args.all:
             suffix = "" if (fmt, kind) == ("raw", "bfloat16") else f"-{fmt}-{kind}"
-            one.out = RESULTS / f"humaneval_threshold{suffix}"
-        summary += report(one)
+            one.out = args.root.parent / f"humaneval_threshold{suffix}"
+        reports.append(report(one))
+    if args.all:
+        (args.root.parent / "humaneval_threshold.md").write_text(study_document(reports))
     if args.readme is not None:
         text = args.readme.read_text()
         head, rest = text.split(README_BEGIN, 1)
         _, tail = rest.split(README_END, 1)
+        summary = [line for r in reports for line in r.summary]
         args.readme.write_text(f"{head}{README_BEGIN}\n" + "\n".join(summary) + f"\n{README_END}{tail}")
 
 
-def report(args: argparse.Namespace) -> list[str]:
-    """One format and dtype's tables, plots and RESULT line; returns its lines for the README's summary."""
+def report(args: argparse.Namespace) -> Report:
+    """One format and dtype's tables, plots and RESULT line; returns what they found."""
     runs = load_runs(args.root, args.format, args.dtype)
     models = sorted({r.model for r in runs})
     dense = {r.model: r for r in runs if r.mode == "dense" and r.hot_fraction is None}
-    rows, curves, knees, knee_cis, hot_rows = [], {}, {}, {}, []
+    rows, curves, knees, knee_cis, hot_rows, hot_checks = [], {}, {}, {}, [], []
     for model in models:
         base = dense.get(model)
         for r in sorted((r for r in runs if r.model == model and r.hot_fraction is None),
@@ -317,13 +351,16 @@ def report(args: argparse.Namespace) -> list[str]:
         if hot:                  # the reference: the in-process engine at the same mask, else the first split
             ref = next((r for r in runs if r.model == model and r.hot_fraction is None and r.mode == hot[0].mode
                         and r.sparsity == hot[0].sparsity), hot[0])
-            ref_name = "in-process" if ref.hot_fraction is None else f"hot={ref.hot_fraction:.2f}"
+            check = HotCheck(model, f"{hot[0].mode} {fmt_pct(hot[0].sparsity)}",
+                             "in-process" if ref.hot_fraction is None else f"hot={ref.hot_fraction:.2f}")
             for r in hot:
                 common = sorted(ref.tokens.keys() & r.tokens.keys())
                 same = sum(ref.tokens[t] == r.tokens[t] for t in common)
-                hot_rows.append(f"| {model} | {r.mode} {fmt_pct(r.sparsity)} | {r.hot_fraction:.2f} | {fmt_pct(r.pass1)} | "
-                                f"{r.n} | {same}/{len(common)} token-identical to {ref_name} |")
-    paired_rows, paired_kept = paired(runs, dense)
+                check.shares.append((r.hot_fraction, same, len(common)))
+                hot_rows.append(f"| {model} | {check.mask} | {r.hot_fraction:.2f} | {fmt_pct(r.pass1)} | "
+                                f"{r.n} | {same}/{len(common)} token-identical to {check.reference} |")
+            hot_checks.append(check)
+    paired_rows, paired_kept, diffs = paired(runs, dense)
     speed_rows, speeds = pass1_vs_speed(runs, dense, load_speeds(args.root.parent, args.dtype), args)
 
     if curves:
@@ -390,7 +427,9 @@ def report(args: argparse.Namespace) -> list[str]:
               "knee_intervals": {f"{m}/{mode}": ci for (m, mode), ci in knee_cis.items() if ci},
               "pass1_vs_speed": speeds}
     print("RESULT " + json.dumps(result))
-    return readme_summary(args, runs, dense, knees, knee_cis, speeds)
+    return Report(args.format, args.dtype, f"{args.out.name}.tables.md", runs, dense,
+                  readme_summary(args, runs, dense, knees, knee_cis, speeds), knees, knee_cis, diffs, hot_checks,
+                  speeds)
 
 
 def readme_summary(args: argparse.Namespace, runs: list[Run], dense: dict[str, Run],
@@ -473,6 +512,124 @@ def pass1_vs_speed(runs: list[Run], dense: dict[str, Run], speeds: dict[tuple[st
     note = (f"\nSpeeds: `benchmarks/sparsity_table.py` ({', '.join(cpus)}); Pass@1: greedy, every problem. "
             f"![Pass@1 against speed]({png.name})")
     return "\n".join(lines + picks) + "\n" + note, {m: sorted(p) for m, p in per_model.items()}
+
+LEVELS = (0.3, 0.5, 0.7, 0.8, 0.9)                  # the grid's target sparsities (threshold_sweep's default)
+CHAT_MODES = ("wina",)           # chat prompts: dense and the best criterion on raw prompts only (issue 15)
+REPRODUCE = [   # every point a resumable `pinfer eval humaneval` run; the speeds one sparsity_table run per model
+    ".venv/bin/python benchmarks/threshold_sweep.py --weights q8 --kinds down,gate,predictor,wina",
+    ".venv/bin/python benchmarks/threshold_sweep.py --weights q8 --format chat --kinds wina",
+    (".venv/bin/python benchmarks/threshold_sweep.py --weights q8 --kinds hot --hot-mode wina --hot-sparsity 0.7 "
+     "--hot-limit 20 --models qwen2.5-coder-0.5b"),
+    (".venv/bin/python benchmarks/sparsity_table.py --model qwen2.5-coder-0.5b --modes oracle gate down wina "
+     "predictor --out benchmarks/results/sparsity_qwen2.5-coder-0.5b.md   # and the same for the 1.5b"),
+    ".venv/bin/python benchmarks/humaneval_report.py --all --readme README.md   # this file, the tables, README",
+]
+STUDY_SETUP = """\
+Setup: greedy, up to 512 new tokens, each answer run in the sandbox (10 s timeout), up to 16 requests
+continuously batched, sparse points in process (the hybrid runtime computes the same neurons at any split: the
+hot sweep below checks its tokens). *raw* prompts continue the HumanEval prompt with Codex's stop sequences;
+*chat* prompts go through the model's chat template and the fenced code is extracted. Weights in the engine's
+default format (q8: GGUF Q8_0 blocks, 8-bit products for decode, prompt rows multiplied in the named float
+type); the float-weight runs of earlier sessions are listed last, never mixed with these. Criteria: **gate**
+(CATS: up/down rows skipped where |silu(gate)| < tau), **down** (gate and up dense, down rows skipped where
+|a_j| < tau), **wina** (down rows skipped where |a_j| ||W_down[:, j]|| < tau), **predictor** (a per-layer
+low-rank scorer trained on WINA's mask picks the rows before the FFN runs). "Target" is the calibrated level
+(share of the criterion's scores below tau on held-out stdlib code, never HumanEval); "achieved" is the share of
+(token, neuron) pairs skipped on HumanEval. "Kept" is a point's Pass@1 over its model's dense Pass@1 on the same
+problems; the knee is the last target keeping >= 90% of it, with a 95% bootstrap interval (problems
+resampled); McNemar p is exact, paired on problems.
+"""
+LLAMA_NOTE = """\
+qwen2.5-coder-0.5b/1.5b is a 3x step within one SwiGLU family, as LLaMA-33B/70B is a 2x step within one; what
+the pair above shows (how the share of Pass@1 kept changes with size at each criterion and level) is what it
+suggests for them, no more. It cannot give their numbers: LLaMA-1 33B scores ~22% on HumanEval, where floor
+effects make relative losses noisy; redundancy grows with scale; and PowerInfer's 70B is a ReLU model
+(ReluLLaMA-70B), whose exact zeros make activation sparsity much cheaper in quality than on SwiGLU. The same
+grid runs unchanged on those models with their weights and a GPU (`benchmarks/gpu_sweep.sh`;
+`configs/models.yaml` names llama-33b, llama-2-70b and relu-llama-70b).
+"""
+
+
+def study_document(reports: list[Report]) -> str:
+    """The study's report, generated from every point: status, setup, the answer (hot threshold, knees, small vs
+    large, settings to choose) and what it does not say."""
+    quantized = [r for r in reports if r.kind in ("q8", "q4")]
+    older = [r for r in reports if r not in quantized]
+    models = sorted({m for r in reports for m in r.dense})
+    out = [f"# HumanEval Pass@1 vs the hot-neuron and activation thresholds: {' vs '.join(models)}", "",
+           "<!-- generated by `benchmarks/humaneval_report.py --all`: edit the script, not this file -->", "",
+           "```bash", *REPRODUCE, "```", "", STUDY_SETUP, "## Status", ""]
+    for r in quantized:
+        out += [f"- {r.fmt} prompts, {r.kind} (`{r.tables}`): " + status(r, models)]
+    out += ["", "## Answer", "", "### Hot-neuron threshold", ""]
+    checks = [(r, c) for r in quantized + older for c in r.hot]
+    for r, c in checks:
+        cells = ", ".join(f"{h:.2f}: {same}/{n}" for h, same, n in c.shares)
+        changed = sum(n - same for _, same, n in c.shares)
+        out.append(f"- {c.model} ({r.fmt}, {r.kind}, {c.mask} mask): completions token-identical to the "
+                   f"{c.reference} engine at GPU share {cells}: "
+                   + ("**no token changed**" if not changed else f"**{changed} completion(s) differ**"))
+    if not checks:
+        out.append("- (no hot sweep run yet)")
+    out += ["", "### Activation threshold: where the knee is", ""]
+    for r in quantized:
+        for (m, mode), k in sorted(r.knees.items()):
+            if k is None:
+                continue
+            ci = r.knee_cis.get((m, mode))
+            full = [x.sparsity for x in r.runs if x.model == m and x.mode == mode and x.hot_fraction is None
+                    and x.n == NUM_PROBLEMS]
+            out.append(f"- {r.fmt}, {m}, {mode}: knee at {fmt_pct(k)} target"
+                       + (f" (95% interval {fmt_pct(ci[0])}-{fmt_pct(ci[1])})" if ci else "")
+                       + f"; levels run on all {NUM_PROBLEMS} problems: {', '.join(fmt_pct(x) for x in sorted(full))}")
+    out += ["", "### Does the larger model tolerate it better?", ""]
+    verdicts = []
+    for r in quantized:
+        for mode in sorted({mode for mode, _ in r.diffs}):
+            pts = sorted((s, d) for (md, s), d in r.diffs.items() if md == mode)
+            if not pts:
+                continue
+            more = [s for s, d in pts if d[1] > 0]
+            less = [s for s, d in pts if d[2] < 0]
+            verdicts.append((len(pts), len(more), len(less)))
+            cells = "; ".join(f"{fmt_pct(s)}: {fmt_pts(d[0])} [{fmt_pts(d[1])}, {fmt_pts(d[2])}] ({d[3]} problems)"
+                              for s, d in pts)
+            out.append(f"- {r.fmt}, {mode}: Pass@1 kept, {models[-1]} minus {models[0]}: {cells}. The interval "
+                       f"excludes 0 at {len(more) + len(less)} of {len(pts)} levels"
+                       + (f" (larger keeps more at {', '.join(fmt_pct(s) for s in more)})" if more else "")
+                       + (f" (smaller keeps more at {', '.join(fmt_pct(s) for s in less)})" if less else ""))
+    total = [sum(v[i] for v in verdicts) for i in range(3)]
+    if total[0]:
+        out += ["", f"Over {total[0]} paired (criterion, level) points the larger model keeps measurably more of "
+                f"its Pass@1 at {total[1]}, measurably less at {total[2]}, and no difference is resolved at the "
+                f"other {total[0] - total[1] - total[2]} (each interval ~±15-20 points wide with 164 problems)."
+                + (" No sign that the larger model of this pair tolerates activation sparsity better."
+                   if total[1] <= total[2] else "")]
+    out += ["", "### Which setting to choose (decode speed at batch 1, same machine)", ""]
+    for r in quantized:
+        for m, pts in sorted(r.speeds.items()):
+            fast1, fast5 = choices([tuple(p) for p in pts], r.dense[m].pass1)
+            out.append(f"- {r.fmt}, {m}: fastest within 1 point of dense: {fast1}; within 5 points: {fast5}")
+    out += ["", "### What this says and does not say about LLaMA-33B vs LLaMA-70B", "", LLAMA_NOTE,
+            "## Every point", "", *[line for r in quantized + older for line in r.summary], ""]
+    return "\n".join(out)
+
+
+def status(r: Report, models: list[str]) -> str:
+    """Which points of this format's grid each model has run on all problems, partly, or not at all."""
+    modes = CHAT_MODES if r.fmt == "chat" else SPARSE_MODES
+    cells = []
+    for m in models:
+        have = {(x.mode, x.sparsity): x.n for x in r.runs if x.model == m and x.hot_fraction is None}
+        grid = [("dense", 0.0)] + [(mode, s) for mode in modes for s in LEVELS]
+        full = sum(have.get(g) == NUM_PROBLEMS for g in grid)
+        partial = [f"{mode} {fmt_pct(s)} ({have[(mode, s)]})" for mode, s in grid
+                   if 0 < have.get((mode, s), 0) < NUM_PROBLEMS]
+        missing = [f"{mode} {fmt_pct(s)}" for mode, s in grid if (mode, s) not in have]
+        cells.append(f"{m}: {full}/{len(grid)} points on all {NUM_PROBLEMS} problems"
+                     + (f"; partial: {', '.join(partial)}" if partial else "")
+                     + (f"; not run: {', '.join(missing)}" if missing else ""))
+    return "; ".join(cells)
 
 
 if __name__ == "__main__":

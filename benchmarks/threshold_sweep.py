@@ -65,7 +65,7 @@ def main() -> None:
                     help=f"which point kinds besides dense: {', '.join(SPARSE_MODES)}, hot")
     ap.add_argument("--sparsities", default="0.3,0.5,0.7,0.8,0.9")
     ap.add_argument("--hot-fractions", default="0,0.25,0.5,0.75,1.0")
-    ap.add_argument("--hot-mode", default="dense", choices=["dense", "gate", "predictor"],
+    ap.add_argument("--hot-mode", default="dense", choices=["dense", *SPARSE_MODES],
                     help="sparsity mode held fixed during the hot sweep")
     ap.add_argument("--hot-sparsity", type=float, default=0.0, help="its activation sparsity")
     ap.add_argument("--hot-limit", type=int, default=None, help="problems for the (slow) hot sweep; default all")

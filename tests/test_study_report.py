@@ -71,3 +71,28 @@ def test_pass1_against_speed_picks_the_fastest_setting_within_1_and_5_points(tmp
     assert text.startswith("before\n<!-- study-summary:begin -->\n- **raw prompts, q8, prompts multiplied in "
                            "bfloat16**") and "old" not in text
     assert "within 5 points: wina 70.0% (1.20x, 46.3%)" in text and text.endswith("<!-- study-summary:end -->\nafter\n")
+
+
+def test_study_document_states_the_answer_from_every_point(tmp_path: Path) -> None:
+    root = tmp_path / "results" / "humaneval"
+    for model, dense in (("a-small", 100), ("b-large", 120)):                  # of 164 problems
+        write_run(root, model, "dense-s00", [True] * dense + [False] * (164 - dense), kind="q8")
+        write_run(root, model, "wina-s50", [True] * dense + [False] * (164 - dense), kind="q8")   # keeps 100%
+    write_run(root, "a-small", "wina-s70", [True] * 95 + [False] * 69, kind="q8")     # keeps 95%
+    write_run(root, "b-large", "wina-s70", [True] * 40 + [False] * 124, kind="q8")    # keeps 33%: large loses more
+    write_run(root, "a-small", "gate-s30", [True] * 10 + [False] * 10, kind="q8")     # on 20 problems only
+    same = [[i] for i in range(164)]
+    write_run(root, "a-small", "wina-s70-hot050", [True] * 95 + [False] * 69, tokens=same, kind="q8")
+    write_run(root, "a-small", "wina-s70-hot100", [True] * 95 + [False] * 69, tokens=[[999]] + same[1:], kind="q8")
+    r = subprocess.run([sys.executable, "benchmarks/humaneval_report.py", "--root", str(root), "--all"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    doc = (tmp_path / "results" / "humaneval_threshold.md").read_text()
+    assert (tmp_path / "results" / "humaneval_threshold-raw-q8.tables.md").exists()
+    assert "a-small: 3/21 points on all 164 problems; partial: gate 30.0% (20); not run: gate 50.0%" in doc
+    assert "GPU share 0.50: 164/164, 1.00: 163/164: **1 completion(s) differ**" in doc
+    assert "raw, a-small, wina: knee at 70.0% target" in doc and "raw, b-large, wina: knee at 50.0% target" in doc
+    # the large model keeps 33% where the small keeps 95%: an interval well below 0, the only resolved one
+    assert "The interval excludes 0 at 1 of 2 levels (smaller keeps more at 70.0%)" in doc
+    assert "keeps measurably more of its Pass@1 at 0, measurably less at 1" in doc
+    assert "No sign that the larger model of this pair tolerates activation sparsity better." in doc
