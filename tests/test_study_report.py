@@ -90,9 +90,10 @@ def test_study_document_states_the_answer_from_every_point(tmp_path: Path) -> No
     doc = (tmp_path / "results" / "humaneval_threshold.md").read_text()
     assert (tmp_path / "results" / "humaneval_threshold-raw-q8.tables.md").exists()
     assert "a-small: 3/21 points on all 164 problems; partial: gate 30.0% (20); not run: gate 50.0%" in doc
-    assert "GPU share 0.50: 164/164, 1.00: 163/164: **1 completion(s) differ**" in doc
+    assert ("token-identical to the in-process engine (Pass@1 57.9% on these problems) at GPU share 0.50: 164/164 "
+            "(57.9%), 1.00: 163/164 (57.9%): **1 completion(s) differ**") in doc
     assert "raw, a-small, wina: knee at 70.0% target" in doc and "raw, b-large, wina: knee at 50.0% target" in doc
     # the large model keeps 33% where the small keeps 95%: an interval well below 0, the only resolved one
     assert "The interval excludes 0 at 1 of 2 levels (smaller keeps more at 70.0%)" in doc
     assert "keeps measurably more of its Pass@1 at 0, measurably less at 1" in doc
-    assert "No sign that the larger model of this pair tolerates activation sparsity better." in doc
+    assert "at the median). No sign that the larger model of this pair tolerates activation sparsity better." in doc
