@@ -268,6 +268,7 @@ class Report:
     diffs: dict[tuple[str, float], Diff]
     hot: list[HotCheck]
     speeds: dict[str, list]
+    dense_self_ratio: dict[str, float]      # dense against itself in the speed run: how far its ratios wander
 
 
 def prompt_compute(runs: list[Run]) -> str:
@@ -365,7 +366,9 @@ def report(args: argparse.Namespace) -> Report:
                                 f"{r.n} | {same}/{len(common)} token-identical to {check.reference} |")
             hot_checks.append(check)
     paired_rows, paired_kept, diffs = paired(runs, dense)
-    speed_rows, speeds = pass1_vs_speed(runs, dense, load_speeds(args.root.parent, args.dtype), args)
+    measured = load_speeds(args.root.parent, args.dtype)
+    speed_rows, speeds = pass1_vs_speed(runs, dense, measured, args)
+    self_ratio = {m: row["speed_ratio"] for (m, mode, _), row in measured.items() if mode == "dense"}
 
     if curves:
         import matplotlib
@@ -433,7 +436,7 @@ def report(args: argparse.Namespace) -> Report:
     print("RESULT " + json.dumps(result))
     return Report(args.format, args.dtype, f"{args.out.name}.tables.md", runs, dense,
                   readme_summary(args, runs, dense, knees, knee_cis, speeds), knees, knee_cis, diffs, hot_checks,
-                  speeds)
+                  speeds, self_ratio)
 
 
 def readme_summary(args: argparse.Namespace, runs: list[Run], dense: dict[str, Run],
@@ -592,7 +595,10 @@ def study_document(reports: list[Report]) -> str:
             ci = r.knee_cis.get((m, mode))
             full = [x.sparsity for x in r.runs if x.model == m and x.mode == mode and x.hot_fraction is None
                     and x.n == NUM_PROBLEMS]
-            out.append(f"- {r.fmt}, {m}, {mode}: knee at {fmt_pct(k)} target"
+            first = min((x.sparsity for x in r.runs if x.model == m and x.mode == mode and x.hot_fraction is None),
+                        default=0.0)
+            out.append(f"- {r.fmt}, {m}, {mode}: " + (f"knee at {fmt_pct(k)} target" if k else
+                       f"knee below {fmt_pct(first)} target (no level run keeps >= {KNEE_RETAINED:.0%})")
                        + (f" (95% interval {fmt_pct(ci[0])}-{fmt_pct(ci[1])})" if ci else "")
                        + f"; levels run on all {NUM_PROBLEMS} problems: {', '.join(fmt_pct(x) for x in sorted(full))}")
     out += ["", "### Does the larger model tolerate it better?", ""]
@@ -625,7 +631,10 @@ def study_document(reports: list[Report]) -> str:
     for r in quantized:
         for m, pts in sorted(r.speeds.items()):
             fast1, fast5 = choices([tuple(p) for p in pts], r.dense[m].pass1)
-            out.append(f"- {r.fmt}, {m}: fastest within 1 point of dense: {fast1}; within 5 points: {fast5}")
+            noise = r.dense_self_ratio.get(m)
+            out.append(f"- {r.fmt}, {m}: fastest within 1 point of dense: {fast1}; within 5 points: {fast5}"
+                       + (f" (dense against itself in the same speed run: {noise:.2f}x, so speeds closer than "
+                          f"~{abs(noise - 1):.0%} are a tie)" if noise else ""))
     out += ["", "### What this says and does not say about LLaMA-33B vs LLaMA-70B", "", LLAMA_NOTE,
             "## Every point", "", *[line for r in quantized + older for line in r.summary], ""]
     return "\n".join(out)

@@ -84,6 +84,9 @@ def test_study_document_states_the_answer_from_every_point(tmp_path: Path) -> No
     same = [[i] for i in range(164)]
     write_run(root, "a-small", "wina-s70-hot050", [True] * 95 + [False] * 69, tokens=same, kind="q8")
     write_run(root, "a-small", "wina-s70-hot100", [True] * 95 + [False] * 69, tokens=[[999]] + same[1:], kind="q8")
+    rows = [{"mode": mode, "target": t, "speed_ratio": v} for mode, t, v in
+            (("dense", 0.0, 1.03), ("wina", 0.5, 1.1), ("wina", 0.7, 1.2))]
+    (root.parent / "sparsity_a.json").write_text(json.dumps({"model": "a-small", "weights": "q8", "rows": rows}))
     r = subprocess.run([sys.executable, "benchmarks/humaneval_report.py", "--root", str(root), "--all"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
@@ -97,3 +100,7 @@ def test_study_document_states_the_answer_from_every_point(tmp_path: Path) -> No
     assert "The interval excludes 0 at 1 of 2 levels (smaller keeps more at 70.0%)" in doc
     assert "keeps measurably more of its Pass@1 at 0, measurably less at 1" in doc
     assert "at the median). No sign that the larger model of this pair tolerates activation sparsity better." in doc
+    assert "raw, a-small, gate: knee below 30.0% target (no level run keeps >= 90%)" in doc
+    assert ("raw, a-small: fastest within 1 point of dense: wina 50.0% (1.10x, 61.0%); within 5 points: wina 70.0% "
+            "(1.20x, 57.9%) (dense against itself in the same speed run: 1.03x, so speeds closer than ~3% are a tie)"
+            ) in doc
