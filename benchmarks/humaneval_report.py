@@ -462,7 +462,8 @@ def readme_summary(args: argparse.Namespace, runs: list[Run], dense: dict[str, R
             later = sorted(r.sparsity for r in runs if r.model == model and r.mode == mode and r.hot_fraction is None
                            and r.sparsity > k)
             ci = knee_cis.get((m, mode))
-            found.append((f"{mode} between {fmt_pct(k)} and {fmt_pct(later[0])}" if later else f"{mode} past {fmt_pct(k)}")
+            found.append((f"{mode} past {fmt_pct(k)}" if not later else f"{mode} below {fmt_pct(later[0])}" if not k
+                          else f"{mode} between {fmt_pct(k)} and {fmt_pct(later[0])}")
                          + (f" (95% interval of the knee {fmt_pct(ci[0])}-{fmt_pct(ci[1])})" if ci else ""))
         if found:
             out.append(f"    knee (last target sparsity keeping >= {KNEE_RETAINED:.0%} of dense Pass@1, and the next): "
@@ -633,8 +634,7 @@ def study_document(reports: list[Report]) -> str:
             fast1, fast5 = choices([tuple(p) for p in pts], r.dense[m].pass1)
             noise = r.dense_self_ratio.get(m)
             out.append(f"- {r.fmt}, {m}: fastest within 1 point of dense: {fast1}; within 5 points: {fast5}"
-                       + (f" (dense against itself in the same speed run: {noise:.2f}x, so speeds closer than "
-                          f"~{abs(noise - 1):.0%} are a tie)" if noise else ""))
+                       + (f" (dense against itself in the same speed run: {noise:.2f}x)" if noise else ""))
     out += ["", "### What this says and does not say about LLaMA-33B vs LLaMA-70B", "", LLAMA_NOTE,
             "## Every point", "", *[line for r in quantized + older for line in r.summary], ""]
     return "\n".join(out)
