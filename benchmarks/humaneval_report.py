@@ -202,7 +202,7 @@ def knee_interval(base: Run, points: list[Run], resamples: int = 2000, seed: int
     levels = np.array([0.0] + [r.sparsity for r in points])
     first_miss = np.where(ok.all(1), len(points), (~ok).argmax(1))        # points kept before the first miss
     knees = levels[first_miss]
-    return tuple(np.percentile(knees, [2.5, 97.5]).tolist())
+    return tuple(np.percentile(knees, [2.5, 97.5], method="inverted_cdf").tolist())   # a level of the grid
 
 
 def load_speeds(root: Path, kind: str) -> dict[tuple[str, str, float], dict]:
