@@ -219,6 +219,11 @@ def load_speeds(root: Path, kind: str) -> dict[tuple[str, str, float], dict]:
     return speeds
 
 
+def levels_run(runs: list[Run], model: str, mode: str) -> list[float]:
+    """The target sparsities ``model`` ran ``mode`` at (in process), ascending."""
+    return sorted(r.sparsity for r in runs if r.model == model and r.mode == mode and r.hot_fraction is None)
+
+
 def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
     """The (speed, Pass@1, name) points no other point beats on both (faster and at least as accurate)."""
     front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and (q[0], q[1]) != (p[0], p[1])
@@ -459,8 +464,7 @@ def readme_summary(args: argparse.Namespace, runs: list[Run], dense: dict[str, R
         for (m, mode), k in sorted(knees.items()):
             if m != model or k is None:
                 continue
-            later = sorted(r.sparsity for r in runs if r.model == model and r.mode == mode and r.hot_fraction is None
-                           and r.sparsity > k)
+            later = [s for s in levels_run(runs, model, mode) if s > k]
             ci = knee_cis.get((m, mode))
             found.append((f"{mode} past {fmt_pct(k)}" if not later else f"{mode} below {fmt_pct(later[0])}" if not k
                           else f"{mode} between {fmt_pct(k)} and {fmt_pct(later[0])}")
@@ -596,10 +600,9 @@ def study_document(reports: list[Report]) -> str:
             ci = r.knee_cis.get((m, mode))
             full = [x.sparsity for x in r.runs if x.model == m and x.mode == mode and x.hot_fraction is None
                     and x.n == NUM_PROBLEMS]
-            first = min((x.sparsity for x in r.runs if x.model == m and x.mode == mode and x.hot_fraction is None),
-                        default=0.0)
             out.append(f"- {r.fmt}, {m}, {mode}: " + (f"knee at {fmt_pct(k)} target" if k else
-                       f"knee below {fmt_pct(first)} target (no level run keeps >= {KNEE_RETAINED:.0%})")
+                       f"knee below {fmt_pct(levels_run(r.runs, m, mode)[0])} target "
+                       f"(no level run keeps >= {KNEE_RETAINED:.0%})")
                        + (f" (95% interval {fmt_pct(ci[0])}-{fmt_pct(ci[1])})" if ci else "")
                        + f"; levels run on all {NUM_PROBLEMS} problems: {', '.join(fmt_pct(x) for x in sorted(full))}")
     out += ["", "### Does the larger model tolerate it better?", ""]
@@ -607,8 +610,6 @@ def study_document(reports: list[Report]) -> str:
     for r in quantized:
         for mode in sorted({mode for mode, _ in r.diffs}):
             pts = sorted((s, d) for (md, s), d in r.diffs.items() if md == mode)
-            if not pts:
-                continue
             more = [s for s, d in pts if d[1] > 0]
             less = [s for s, d in pts if d[2] < 0]
             verdicts.append((len(pts), len(more), len(less)))

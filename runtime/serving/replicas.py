@@ -2,10 +2,11 @@
 
 Each replica is one hybrid engine: a Serve replica actor holding an ``LLM`` whose GPU and CPU executors are
 its children, placed in the replica's placement-group bundle on its node (``runtime/hybrid/driver.py``: the
-per-layer shared-memory data plane never crosses nodes). A replica reserves the CPUs its engine computes with (a placement-group bundle of
-``gpu_threads + cpu_threads`` CPUs on one node, one each by default), so replicas spread over nodes by capacity. Serve routes every request to
-the less loaded of two live replicas it samples (queue lengths), restarts a replica whose engine fails its
-health check or whose node dies (where capacity exists), and carries streams as generators. Serve's own HTTP
+per-layer shared-memory data plane never crosses nodes). A replica reserves the CPUs its engine computes with
+(a placement-group bundle of ``gpu_threads + cpu_threads`` CPUs on one node, one each by default), so replicas
+spread over nodes by capacity. Serve routes every request to the less loaded of two live replicas it samples
+(queue lengths), restarts a replica whose engine fails its health check or whose node dies (where capacity
+exists), and carries streams as generators. Serve's own HTTP
 proxy stays off: the endpoint is pinfer's OpenAI-compatible server (auth, connection caps, deadlines) over a
 ``ReplicaClient``, which has the same interface as ``LLM`` and ``connect()``'s client.
 
