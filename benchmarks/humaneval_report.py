@@ -58,23 +58,40 @@ class Run:
         return (self.summary.get("engine") or {}).get("achieved_sparsity")
 
 
+def read_run(path: Path, mode: str, sparsity: float, hot_fraction: float | None) -> Run | None:
+    """One point's results; None for a point that never started (e.g. no predictors yet)."""
+    passed, tokens = {}, {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("sample", 0) == 0 and "task_id" in r:
+            passed[r["task_id"]], tokens[r["task_id"]] = bool(r["passed"]), r["token_ids"]
+    summary_path = path.with_name(path.stem + ".summary.json")
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return Run(path.parent.name, mode, sparsity, hot_fraction, passed, tokens, summary, path) if passed else None
+
+
 def load_runs(root: Path, fmt: str, dtype: str) -> list[Run]:
+    """The grid and hot-sweep points (not the thread-count references, ``-t<N>``: see ``thread_references``)."""
     runs = []
     for path in sorted(root.glob(f"*/{fmt}-{dtype}-*.jsonl")):
         m = NAME.match(path.stem.removeprefix(f"{fmt}-{dtype}-"))
-        if not m:
-            continue
-        passed, tokens = {}, {}
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            if r.get("sample", 0) == 0 and "task_id" in r:
-                passed[r["task_id"]], tokens[r["task_id"]] = bool(r["passed"]), r["token_ids"]
-        summary_path = path.with_name(path.stem + ".summary.json")
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-        if passed:                                # a point that never started (e.g. no predictors yet) is skipped
-            runs.append(Run(path.parent.name, m["mode"], int(m["s"]) / 100,
-                            None if m["h"] is None else int(m["h"]) / 100, passed, tokens, summary, path))
+        if m and (run := read_run(path, m["mode"], int(m["s"]) / 100, None if m["h"] is None else int(m["h"]) / 100)):
+            runs.append(run)
     return runs
+
+
+def thread_references(hot: Run) -> list[tuple[int, Run]]:
+    """The in-process runs of a hot sweep's mask on a set number of threads (``<point>-t<N>.jsonl``)."""
+    stem = hot.path.stem.rsplit("-hot", 1)[0]
+    found = ((int(p.stem.rsplit("-t", 1)[1]), read_run(p, hot.mode, hot.sparsity, None))
+             for p in sorted(hot.path.parent.glob(f"{stem}-t*.jsonl")))
+    return [(t, run) for t, run in found if run]
+
+
+def identical(a: Run, b: Run) -> tuple[int, int]:
+    """Completions token-identical between two runs, and how many they both have."""
+    common = a.tokens.keys() & b.tokens.keys()
+    return sum(a.tokens[t] == b.tokens[t] for t in common), len(common)
 
 
 def mcnemar(base: Run, other: Run) -> tuple[int, int, float]:
@@ -257,6 +274,9 @@ class HotCheck:
     reference: str
     reference_pass1: float = float("nan")                    # the reference's Pass@1 on the problems swept
     shares: list[tuple[float, int, int, float]] = field(default_factory=list)  # (GPU share, identical, compared, Pass@1)
+    # The in-process engine on N threads: (N, its Pass@1, identical to the reference / compared, per share
+    # identical to it / compared): whether a split changes tokens as a change of thread count does.
+    threads: list[tuple[int, float, tuple[int, int], list[tuple[int, int]]]] = field(default_factory=list)
 
 
 @dataclass
@@ -364,11 +384,12 @@ def report(args: argparse.Namespace) -> Report:
                              "in-process" if ref.hot_fraction is None else f"hot={ref.hot_fraction:.2f}",
                              sum(ref.passed[t] for t in swept) / len(swept) if swept else float("nan"))
             for r in hot:
-                common = sorted(ref.tokens.keys() & r.tokens.keys())
-                same = sum(ref.tokens[t] == r.tokens[t] for t in common)
-                check.shares.append((r.hot_fraction, same, len(common), r.pass1))
+                same, n = identical(ref, r)
+                check.shares.append((r.hot_fraction, same, n, r.pass1))
                 hot_rows.append(f"| {model} | {check.mask} | {r.hot_fraction:.2f} | {fmt_pct(r.pass1)} | "
-                                f"{r.n} | {same}/{len(common)} token-identical to {check.reference} |")
+                                f"{r.n} | {same}/{n} token-identical to {check.reference} |")
+            check.threads = [(t, run.pass1, identical(ref, run), [identical(run, r) for r in hot])
+                             for t, run in thread_references(hot[0])]
             hot_checks.append(check)
     paired_rows, paired_kept, diffs = paired(runs, dense)
     measured = load_speeds(args.root.parent, args.dtype)
@@ -555,11 +576,13 @@ HOT_NOTE = """\
 Every split computes the same neurons; what can differ is rounding. With float weights the partial sums of
 the two executors add up to what the in-process engine computes closely enough that no greedy token moved. With
 8-bit weights each layer rounds its input activations to 8 bits, so a last-bit difference in a sum (which
-executor adds which neurons, how many threads split a reduction: the in-process engine runs 2 threads, each
-executor 1) can move an activation by one 8-bit step, and over hundreds of greedy tokens that can pick another
-token: a q8 split changes completions the way a change of thread count does, not the computation; the
-Pass@1 spread across shares is the study's rounding noise floor, to read the activation points' differences
-against.
+executor adds which neurons, how many threads split a reduction) can move an activation by one 8-bit step, and
+over hundreds of greedy tokens that can pick another token. The in-process engine on one thread, the count each
+executor runs on here, tells the causes apart: where one executor holds every neuron (shares 0 and 1) it adds
+them in that engine's order, and any token it changes is a defect; in between, the two executors' partial sums
+are added in another order, as a second thread's are. Sums that any split adds in one order (wider partial
+sums, a fixed reduction tree) would cost decode and prompt speed on every run; the Pass@1 spread across shares
+is instead the study's rounding noise floor, to read the activation points' differences against.
 """
 LLAMA_NOTE = """\
 qwen2.5-coder-0.5b/1.5b is a 3x step within one SwiGLU family, as LLaMA-33B/70B is a 2x step within one; what
@@ -591,6 +614,10 @@ def study_document(reports: list[Report]) -> str:
         out.append(f"- {c.model} ({r.fmt}, {r.kind}, {c.mask} mask): completions token-identical to the "
                    f"{c.reference} engine (Pass@1 {fmt_pct(c.reference_pass1)} on these problems) at GPU share "
                    f"{cells}: " + ("**no token changed**" if not changed else f"**{changed} completion(s) differ**"))
+        for t, p1, (same, n), per_share in c.threads:
+            cells = ", ".join(f"{h:.2f}: {s}/{k}" for (h, *_), (s, k) in zip(c.shares, per_share))
+            out.append(f"  - against the in-process engine on {t} thread{'s' * (t > 1)} (Pass@1 {fmt_pct(p1)}; "
+                       f"{same}/{n} identical to the {c.reference} engine on its default threads): {cells}")
     out += ["", HOT_NOTE] if checks else ["- (no hot sweep run yet)"]
     out += ["", "### Activation threshold: where the knee is", ""]
     for r in quantized:

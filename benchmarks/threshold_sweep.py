@@ -4,9 +4,9 @@ Points (each one ``pinfer eval humaneval`` run with its own JSONL under ``--out`
 a long sweep finishes over several invocations; interrupt it at any time):
 - ``dense``: the anchor of each model (in process);
 - ``gate`` / ``predictor`` / ``down`` / ``wina`` at each target activation sparsity (in process: the same
-  tokens as the hybrid runtime at any split, which ``tests/test_sparsity.py`` checks);
-- ``hot``: the hybrid Ray runtime at each GPU share of neurons, the mask fixed (``--hot-mode``);
-  Pass@1 must not move, and the report checks the completions token by token.
+  neurons as the hybrid runtime at any split, which ``tests/test_sparsity.py`` checks);
+- ``hot``: the hybrid Ray runtime at each GPU share of neurons, the mask fixed (``--hot-mode``), and the
+  in-process engine on one thread (``-t1``) beside it; the report checks the completions token by token.
 
     python benchmarks/threshold_sweep.py --models qwen2.5-coder-0.5b,qwen2.5-coder-1.5b
     python benchmarks/humaneval_report.py          # table, plot, McNemar, answer
@@ -33,11 +33,14 @@ class Point:
     mode: str                           # dense | gate | predictor | down | wina
     sparsity: float = 0.0               # target activation sparsity
     hot_fraction: float | None = None   # None: in process; else the hybrid runtime with this GPU share
+    threads: int | None = None          # in process on this many threads (default: every core)
 
     @property
     def name(self) -> str:
         name = f"{self.mode}-s{round(self.sparsity * 100):02d}"
-        return name if self.hot_fraction is None else f"{name}-hot{round(self.hot_fraction * 100):03d}"
+        if self.hot_fraction is not None:
+            name += f"-hot{round(self.hot_fraction * 100):03d}"
+        return name if self.threads is None else f"{name}-t{self.threads}"
 
 
 def points(models: list[str], kinds: list[str], sparsities: list[float], hot_fractions: list[float],
@@ -46,8 +49,9 @@ def points(models: list[str], kinds: list[str], sparsities: list[float], hot_fra
     out = [Point(m, "dense") for m in models]
     for s in sparsities:
         out += [Point(m, mode, s) for mode in SPARSE_MODES if mode in kinds and s > 0 for m in models]
-    if "hot" in kinds:
+    if "hot" in kinds:          # and the in-process engine on one thread, as each executor runs on 2 cores
         out += [Point(m, hot_mode, hot_sparsity, h) for m in models for h in hot_fractions]
+        out += [Point(m, hot_mode, hot_sparsity, threads=1) for m in models]
     return out
 
 
@@ -106,11 +110,13 @@ def main() -> None:
             break
         engine = EngineConfig.resolve(model=p.model, weights=args.weights, dtype=args.dtype, sparsity=p.mode,
                                       activation_sparsity=p.sparsity,
-                                      hot_fraction=args.gpu_share if p.hot_fraction is None else p.hot_fraction)
+                                      hot_fraction=args.gpu_share if p.hot_fraction is None else p.hot_fraction,
+                                      num_threads=p.threads)
         kind = args.dtype if args.weights == "fp32" else args.weights
         cfg = EvalConfig(output=output_path(args.out, args.format, kind, p), engine=engine,
                          prompt_format=args.format,
-                         limit=args.hot_limit if p.hot_fraction is not None and args.hot_limit else args.limit,
+                         limit=args.hot_limit if (p.hot_fraction is not None or p.threads) and args.hot_limit
+                         else args.limit,
                          max_tokens=args.max_tokens, batch_size=args.batch_size)
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
         logger.info("point %s / %s", p.model, p.name)

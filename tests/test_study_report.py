@@ -84,6 +84,7 @@ def test_study_document_states_the_answer_from_every_point(tmp_path: Path) -> No
     same = [[i] for i in range(164)]
     write_run(root, "a-small", "wina-s70-hot050", [True] * 95 + [False] * 69, tokens=same, kind="q8")
     write_run(root, "a-small", "wina-s70-hot100", [True] * 95 + [False] * 69, tokens=[[999]] + same[1:], kind="q8")
+    write_run(root, "a-small", "wina-s70-t1", [True] * 95 + [False] * 69, tokens=[[999]] + same[1:], kind="q8")
     rows = [{"mode": mode, "target": t, "speed_ratio": v} for mode, t, v in
             (("dense", 0.0, 1.03), ("wina", 0.5, 1.1), ("wina", 0.7, 1.2))]
     (root.parent / "sparsity_a.json").write_text(json.dumps({"model": "a-small", "weights": "q8", "rows": rows}))
@@ -95,6 +96,9 @@ def test_study_document_states_the_answer_from_every_point(tmp_path: Path) -> No
     assert "a-small: 3/21 points on all 164 problems; partial: gate 30.0% (20); not run: gate 50.0%" in doc
     assert ("token-identical to the in-process engine (Pass@1 57.9% on these problems) at GPU share 0.50: 164/164 "
             "(57.9%), 1.00: 163/164 (57.9%): **1 completion(s) differ**") in doc
+    # the one-thread reference is not a grid point (3/21 above) but tells the split's rounding from a defect
+    assert ("against the in-process engine on 1 thread (Pass@1 57.9%; 163/164 identical to the in-process engine "
+            "on its default threads): 0.50: 163/164, 1.00: 164/164") in doc
     assert "raw, a-small, wina: knee at 70.0% target" in doc and "raw, b-large, wina: knee at 50.0% target" in doc
     # the large model keeps 33% where the small keeps 95%: an interval well below 0, the only resolved one
     assert "The interval excludes 0 at 1 of 2 levels (smaller keeps more at 70.0%)" in doc
