@@ -235,6 +235,35 @@ def test_ungated_ffn_and_other_activations(isa: str) -> None:
         assert close(qk.qffn(x, q, idx, "relu", 2)[0], want)
 
 
+@pytest.mark.parametrize(("gated", "act"), [(True, "silu"), (False, "relu")])
+def test_predictor_scores_kernel_equals_its_reference(isa: str, gated: bool, act: str) -> None:
+    """The 8-bit scorer: the float scorer's quadrature on P and Q as rounded to blocks, with x and the rank
+    coordinates rounded to 8-bit blocks as the kernels round activations (a fitted scorer: d = 64, rank 32,
+    the 64-direction sketch)."""
+    from runtime.sparsity.predictor import _make_layer, fit_scorer
+
+    g = torch.Generator().manual_seed(0)
+    d, n, rank = 64, 96, 32
+    x = torch.randn(1024, d, generator=g) * torch.logspace(0, -1, d)
+    w = torch.randn(d, n, 2 if gated else 1, generator=g) * 0.2
+    arrays = {f"layer_0.{k}": v.numpy() for k, v in fit_scorer(x[:768], x[768:], w, rank).items()}
+    arrays["layer_0.weight"] = np.linspace(0.5, 2, n, dtype=np.float32)
+    q = _make_layer(arrays, 0, n, 0.0, act, torch.float32, "cpu", "q8_0", 2)
+    ref = _make_layer(arrays, 0, n, 0.0, act, torch.float32, "cpu", None, 1)
+    assert type(q).__name__ == "QuantizedLayerPredictor"
+    rows = x[768:][:5]
+    h = x_reference(rows) @ q.proj.dequantize().T                                 # [5, rank + sketch]
+    spread2 = h[:, rank:].pow(2).sum(1, keepdim=True)
+    est = x_reference(h[:, :rank].contiguous()) @ q.expand.dequantize().T         # [5, m n]
+    want = ref._mean_square(est, spread2) * ref.weight
+    for batch in (rows[:1], rows):                      # each score to 1e-4 of itself (1e-6 of the largest)
+        got, ref_rows = q.scores(batch), want[:len(batch)]
+        assert got.shape == (len(batch), n)
+        assert ((got - ref_rows).abs() <= 1e-4 * ref_rows + 1e-6 * want.max()).all()
+    q.tau = float(want[want > 0].median())
+    assert (q.mask(rows) == (want > q.tau)).all()
+
+
 def test_kernel_paths_agree_with_each_other() -> None:
     """The scalar path differs from the SIMD ones only in the order of float sums; AVX-512 gives AVX2's sums bit
     for bit (the same chains, two blocks to a register). d = 3 blocks: an odd last block; 1 row and 5 rows."""

@@ -210,7 +210,7 @@ def test_scorer_is_exact_at_full_rank_and_beats_plain_svd_at_low_rank() -> None:
     def scorer(rank: int):
         fitted = fit_scorer(x_fit, x_val, w, rank)
         arrays = {f"layer_0.{k}": v.numpy() for k, v in fitted.items()}
-        return fitted, _make_layer(arrays, 0, n, 0.0, torch.nn.functional.silu, torch.float32, "cpu")
+        return fitted, _make_layer(arrays, 0, n, 0.0, "silu", torch.float32, "cpu", None, 1)
 
     full, exact = scorer(d)
     assert full["sigma"].max() < 1e-3 and torch.allclose(exact.scores(x_val), a ** 2, rtol=1e-3, atol=1e-5)

@@ -50,8 +50,11 @@ def predictor_mask_fn(model_dir: Path, config: EngineConfig, device: torch.devic
         return None
     from runtime.sparsity.predictor import load_predictors
 
-    dtype = config.cpu_dtype if torch.device(device).type == "cpu" else config.dtype
-    predictors = load_predictors(model_dir, config.activation_sparsity, getattr(torch, dtype), device)
+    on_cpu = torch.device(device).type == "cpu"
+    dtype = config.cpu_dtype if on_cpu else config.dtype
+    quantized = "q8_0" if on_cpu and config.quantized else None       # scored by the kernel library, as the FFN is
+    predictors = load_predictors(model_dir, config.activation_sparsity, getattr(torch, dtype), device, quantized,
+                                 config.num_threads or 1)
     return lambda layer, x: predictors[layer].mask(x)
 
 

@@ -24,6 +24,11 @@ whose |a_j| ||W_down[:, j]|| passes tau_wina, so the score is E[a_j^2] ||W_down[
 expected contribution to the output: at 90% sparsity WINA's exact mask costs a third less perplexity than
 |a_j|'s on qwen2.5-coder-0.5b); ``act`` a neuron whose |a_j| passes tau_act, the score E[a_j^2].
 
+On CPU engines with quantized weights the scorer runs on 8-bit P and Q, one kernel call per layer
+(``QuantizedLayerPredictor``; 4x faster than the float scorer's ~10 operations per layer): on
+qwen2.5-coder-0.5b's held-out tokens its masks agree with the float scorer's on 99.1% (50% target) and
+99.2% (70%) of the neurons, at the same predicted sparsity and recall.
+
 Threshold per level and layer: on validation tokens from calibration files the fit never read, the
 highest tau_pred that keeps ``target_recall`` of the truly active neurons (the criterion's exact mask), but
 never one whose predicted sparsity falls more than ``max_sparsity_gap`` under the calibrated sparsity.
@@ -43,6 +48,8 @@ from tqdm import tqdm
 
 from runtime.model.config import ModelConfig
 from runtime.model.activations import ACTIVATIONS
+from runtime.model.kernels.quantized import QMatrix, predictor_scores
+from runtime.model.qformat import QK, quantize
 from runtime.model.transformer import Transformer, ffn_activations
 from runtime.sparsity import artifacts, corpus
 from runtime.sparsity.profile import calibration_name, run_with_ffn_hook
@@ -96,21 +103,57 @@ class LayerPredictor:
         return self.scores(x) > self.tau
 
 
-def _make_layer(arrays: dict[str, np.ndarray], layer: int, n: int, tau: float, act, dtype: torch.dtype,
-                device: torch.device | str) -> LayerPredictor:
+@dataclass(slots=True)
+class QuantizedLayerPredictor:
+    """The same scorer with P and Q as 8-bit rows and the quadrature in C, one kernel call per layer (CPU engines
+    with quantized weights): a quarter of the float scorer's bytes, no per-operation dispatch. Its scores
+    differ from the float scorer's by the rounding of P, Q and their inputs to 8 bits."""
+    proj: QMatrix                   # [r + k, d]   P^T, then the k sketch directions, as rows
+    expand: QMatrix                 # [m * n, r]   Q^T: gate rows, then up rows
+    sigma: torch.Tensor             # [n]          sigma_g_j
+    nodes: torch.Tensor             # [K]          z_k
+    node_weights: torch.Tensor      # [K]
+    up_var: torch.Tensor | None     # [n]
+    weight: torch.Tensor | None     # [n]
+    act: str
+    tau: float
+    num_threads: int
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return predictor_scores(x.float(), self.proj, self.expand.k, self.expand, self.sigma, self.nodes,
+                                self.node_weights, self.up_var, self.weight, self.act, self.num_threads)
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scores(x) > self.tau
+
+
+def _make_layer(arrays: dict[str, np.ndarray], layer: int, n: int, tau: float, act: str, dtype: torch.dtype,
+                device: torch.device | str, quantized: str | None, num_threads: int
+                ) -> LayerPredictor | QuantizedLayerPredictor:
     def tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(device=device, dtype=dtype)
 
     z, w = np.polynomial.hermite_e.hermegauss(NUM_NODES)                          # probabilists' nodes, N(0, 1)
-    proj_t, expand_t, sigma = (tensor(arrays[f"layer_{layer}.{k}"]) for k in ("proj_t", "expand_t", "sigma"))
-    nodes, weights = tensor(z), tensor(w / w.sum())
+    proj_t, expand_t, sigma = (arrays[f"layer_{layer}.{k}"] for k in ("proj_t", "expand_t", "sigma"))
+    weight = arrays.get(f"layer_{layer}.weight")
     up_var = sigma[n:] ** 2 if len(sigma) > n else None                           # gated: sigma = [gate n | up n]
-    weight = tensor(arrays[f"layer_{layer}.weight"]) if f"layer_{layer}.weight" in arrays else None
-    return LayerPredictor(proj_t, expand_t, sigma[:n, None] * nodes, weights, up_var, act, tau, weight)
+    if quantized and proj_t.shape[0] % QK == 0 and expand_t.shape[0] % QK == 0:
+        f32 = [None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+               for a in (sigma[:n], z, w / w.sum(), up_var, weight)]
+        return QuantizedLayerPredictor(QMatrix(quantize(np.ascontiguousarray(proj_t.T), quantized), quantized, proj_t.shape[0]),
+                                       QMatrix(quantize(np.ascontiguousarray(expand_t.T), quantized), quantized, expand_t.shape[0]),
+                                       *f32, act, tau, num_threads)
+    nodes = tensor(z)
+    return LayerPredictor(tensor(proj_t), tensor(expand_t), tensor(sigma[:n])[:, None] * nodes, tensor(w / w.sum()),
+                          None if up_var is None else tensor(up_var), ACTIVATIONS[act], tau,
+                          None if weight is None else tensor(weight))
 
 
 def load_predictors(model_dir: Path, activation_sparsity: float, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> list[LayerPredictor]:
+                    device: torch.device | str = "cpu", quantized: str | None = None,
+                    num_threads: int = 1) -> list[LayerPredictor | QuantizedLayerPredictor]:
+    """Every layer's predictor at one level; ``quantized`` (a block format, CPU only): P and Q in it, scored by
+    the kernel on ``num_threads`` (where the rank and width are whole blocks; else the float scorer)."""
     hint = f"pinfer train-predictors --model {model_dir} --sparsity {activation_sparsity}"
     arrays, manifest = artifacts.load(model_dir, PREDICTORS, hint)
     key = f"tau.{artifacts.sparsity_tag(activation_sparsity)}"
@@ -119,9 +162,8 @@ def load_predictors(model_dir: Path, activation_sparsity: float, dtype: torch.dt
             f"predictors in {artifacts.artifact_dir(model_dir)} have thresholds for "
             f"{sorted(manifest['levels'])}, not {activation_sparsity}; run `{hint}`")
     cfg = ModelConfig.load(model_dir)
-    act = ACTIVATIONS[cfg.hidden_act]
-    return [_make_layer(arrays, i, cfg.intermediate_size, float(tau), act, dtype, device)
-            for i, tau in enumerate(arrays[key])]
+    return [_make_layer(arrays, i, cfg.intermediate_size, float(tau), cfg.hidden_act, dtype, device, quantized,
+                        num_threads) for i, tau in enumerate(arrays[key])]
 
 
 def predictor_report(model_dir: Path, activation_sparsity: float) -> dict | None:
@@ -248,7 +290,7 @@ def train_predictors(model: Transformer, model_dir: Path, encode, activation_spa
             fitted["weight"] = norm ** 2
         for name, value in fitted.items():
             arrays[f"layer_{layer}.{name}"] = value.contiguous().numpy()
-        scorer = _make_layer(arrays, layer, cfg.intermediate_size, 0.0, act, torch.float32, "cpu")
+        scorer = _make_layer(arrays, layer, cfg.intermediate_size, 0.0, cfg.hidden_act, torch.float32, "cpu", None, 1)
         with torch.inference_mode():                         # |a_j| (times ||W_down[:, j]|| for wina): the truth
             val_scores, val_abs = scorer.scores(x_val), ffn_activations(x_val, w, act).abs()
             out_scores, out_abs = scorer.scores(x_out), ffn_activations(x_out, w, act).abs()

@@ -847,3 +847,75 @@ done:
     free(xn), free(qkv), free(att), free(scores), free(xq);
     return rc;
 }
+
+/* ---- the activation predictor's scores, fused ---------------------------------------------------- */
+
+/* e^x for x in [-87, 88], ~1 ulp: 2^(x log2 e) as 2^i * 2^f, f in [-1/2, 1/2] (Taylor to f^6, error < 2e-7),
+ * written so that the compiler vectorizes a loop of it (no call, no branch; NaN is not expected). */
+static inline float exp_approx(float x) {
+    x = x < -87.f ? -87.f : x > 88.f ? 88.f : x;
+    const float t = x * 1.44269504f, fi = (t + 12582912.f) - 12582912.f, f = t - fi;   /* fi: t rounded (1.5 2^23) */
+    const float p = 1.f + f * (0.693147181f + f * (0.240226507f + f * (0.0555041087f + f * (0.00961812911f +
+                    f * (0.00133335581f + f * 0.000154035304f)))));
+    const int32_t bits = ((int32_t)fi + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* out[j] = E[act(g)^2] for g ~ N(g^_j, (sigma_j s)^2) by the K-node rule (z, wz), j < n; the loop over neurons
+ * is the inner one (it vectorizes for SiLU, act a constant once inlined). */
+static inline void mean_sq(const float *g, const float *sigma, int64_t n, const float *z, const float *wz, int K,
+                           float s, int act, float *out) {
+    for (int64_t j = 0; j < n; j++) out[j] = 0.f;
+    for (int k = 0; k < K; k++) {
+        const float c = z[k] * s, w = wz[k];
+        for (int64_t j = 0; j < n; j++) {
+            const float v = g[j] + sigma[j] * c;
+            const float a = act == 0 ? v / (1.f + exp_approx(-v)) : actf(v, act);
+            out[j] += w * (a * a);
+        }
+    }
+}
+
+/* The predictor of one layer (runtime/sparsity/predictor.py) on n_rows inputs x [n_rows, d]:
+ *   h = P x (rows of wp: the rank directions, then the sketch's), spread2 = |h[rank:]|^2 (1 without a sketch),
+ *   est = Q h[:rank] (rows of we: the n gate estimates, then, gated, the n up estimates),
+ *   score_j = sum_k wz_k act(g^_j + sigma_j z_k sqrt(spread2))^2  [* (u^_j^2 + up_var_j spread2)] [* weight_j]
+ * into scores [n_rows, n]. P and Q are block-quantized rows; the Gauss-Hermite sum runs K nodes per neuron,
+ * vectorized over neurons for SiLU. Returns 0, or -1 when scratch memory cannot be allocated. */
+int pinfer_predictor_scores(const float *x, int n_rows, int64_t d, const uint8_t *wp, int fmt_p, int64_t ld_p,
+                            int64_t n_p, int64_t rank, const uint8_t *we, int fmt_e, int64_t ld_e, int64_t n,
+                            const float *sigma, const float *z, const float *wz, int K, const float *up_var,
+                            const float *weight, int act, float *scores, int n_threads) {
+    const int64_t n_e = up_var ? 2 * n : n;
+    XBlock *xq = malloc(sizeof(XBlock) * n_rows * (d / QK)), *hq = malloc(sizeof(XBlock) * n_rows * (rank / QK));
+    float *h = malloc(sizeof(float) * n_rows * n_p), *est = malloc(sizeof(float) * n_rows * n_e);
+    int rc = 0;
+    if (!xq || !hq || !h || !est) { rc = -1; goto done; }
+    pinfer_quantize_x(x, n_rows, d, xq);
+    pinfer_gemv(wp, fmt_p, ld_p, d, NULL, n_p, xq, n_rows, h, n_p, n_threads);
+    for (int r = 0; r < n_rows; r++) pinfer_quantize_x(h + r * n_p, 1, rank, hq + r * (rank / QK));
+    pinfer_gemv(we, fmt_e, ld_e, rank, NULL, n_e, hq, n_rows, est, n_e, n_threads);
+    const int T = clamp_threads(n_threads, n, 256);
+    for (int r = 0; r < n_rows; r++) {
+        const float *hr = h + r * n_p, *g = est + r * n_e, *u = g + n;
+        float spread2 = n_p > rank ? 0.f : 1.f;
+        for (int64_t i = rank; i < n_p; i++) spread2 += hr[i] * hr[i];
+        const float s = sqrtf(spread2);
+        float *out = scores + r * n;
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+        for (int64_t j0 = 0; j0 < n; j0 += 64) {
+            const int64_t m = n - j0 < 64 ? n - j0 : 64;
+            if (act == 0) mean_sq(g + j0, sigma + j0, m, z, wz, K, s, 0, out + j0);
+            else mean_sq(g + j0, sigma + j0, m, z, wz, K, s, act, out + j0);
+        }
+        for (int64_t j = 0; j < n; j++) {
+            if (up_var) out[j] *= u[j] * u[j] + up_var[j] * spread2;
+            if (weight) out[j] *= weight[j];
+        }
+    }
+done:
+    free(xq), free(hq), free(h), free(est);
+    return rc;
+}

@@ -33,6 +33,8 @@ _SIGNATURES = {
     "pinfer_ffn_dense": (_I, [_P, _I, _I64, _P, _I64, _P, _I64, _I, _P, _I64, _I, _I64, _I, _P, _I]),
     "pinfer_attn_decode": (_I, [_P, _P, _I, _I64, _P, _P, _F, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _I64,
                                 _P, _P, _I]),
+    "pinfer_predictor_scores": (_I, [_P, _I, _I64, _P, _I, _I64, _I64, _I64, _P, _I, _I64, _I64, _P, _P, _P, _I, _P, _P,
+                                     _I, _P, _I]),
 }
 _lib: ctypes.CDLL | None = None
 
@@ -270,6 +272,29 @@ def attention_decode(x: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor, 
     return h
 
 
+def predictor_scores(x: torch.Tensor, proj: QMatrix, rank: int, expand: QMatrix, sigma: torch.Tensor,
+                     nodes: torch.Tensor, node_weights: torch.Tensor, up_var: torch.Tensor | None,
+                     weight: torch.Tensor | None, act: str, num_threads: int) -> torch.Tensor:
+    """A layer predictor's scores [N, n] for x [N, d] in one call (``runtime/sparsity/predictor.py`` says what
+    they estimate): ``proj`` [rank + sketch, d] and ``expand`` [m n, rank] rows, the per-neuron ``sigma`` [n],
+    ``up_var`` [n] (gated FFNs), ``weight`` [n] (optional) and the quadrature's nodes and weights [K]; every
+    float tensor fp32 and contiguous."""
+    rows = _rows(x, proj.k)
+    n = sigma.numel()
+    if expand.shape != ((2 if up_var is not None else 1) * n, rank) or proj.shape[0] < rank:
+        raise ValueError(f"predictor of {n} neurons and rank {rank}: projection {proj.shape}, expansion {expand.shape}")
+    scores = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    rc = lib().pinfer_predictor_scores(rows.data_ptr(), rows.shape[0], proj.k, proj.ptr, FORMAT_CODES[proj.fmt],
+                                       proj.ld, proj.shape[0], rank, expand.ptr, FORMAT_CODES[expand.fmt], expand.ld, n,
+                                       sigma.data_ptr(), nodes.data_ptr(), node_weights.data_ptr(), nodes.numel(),
+                                       None if up_var is None else up_var.data_ptr(),
+                                       None if weight is None else weight.data_ptr(), ACT_CODES[act],
+                                       scores.data_ptr(), num_threads)
+    if rc != 0:
+        raise MemoryError("predictor kernel could not allocate its scratch memory")
+    return scores
+
+
 def embed_rows(w: QMatrix, tokens: torch.Tensor) -> torch.Tensor:
     """Rows ``tokens`` [...] of W dequantized: [..., k] fp32 (the embedding lookup)."""
     idx = tokens.reshape(-1).to(torch.int64).contiguous()
@@ -281,5 +306,5 @@ def embed_rows(w: QMatrix, tokens: torch.Tensor) -> torch.Tensor:
     return out.view(*tokens.shape, w.k)
 
 
-__all__ = ["BLOCK_BYTES", "QMatrix", "QNeurons", "attention_decode", "available_isas", "embed_rows", "qffn", "qlinear",
-           "quantize_x", "set_isa", "whole_blocks"]
+__all__ = ["BLOCK_BYTES", "QMatrix", "QNeurons", "attention_decode", "available_isas", "embed_rows", "predictor_scores",
+           "qffn", "qlinear", "quantize_x", "set_isa", "whole_blocks"]
