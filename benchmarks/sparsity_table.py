@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--weights", default="q8", help="weight format of every engine (default q8, the engine's)")
     ap.add_argument("--out", default=None, help="markdown path (default: results/sparsity_<model>.md)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of the existing table (its JSON) that this run does not measure again")
     args = ap.parse_args()
     quiet_logs()
 
@@ -129,6 +131,10 @@ def main() -> None:
         if llm is not dense:
             llm.shutdown()
     dense_ppl = rows[0]["ppl"]
+    if args.merge:                  # each row's speed is a ratio to dense in its own run: rows of two runs compare
+        measured = {(r["mode"], r["target"]) for r in rows}
+        rows += [r for r in json.loads(report_path(args).with_suffix(".json").read_text())["rows"]
+                 if (r["mode"], r["target"]) not in measured]
     write_report(args, rows, dense_ppl, threads)
     best = [r for r in rows if r.get("mode") == "predictor" and r.get("target") == 0.5 and "ppl" in r]
     line = (f"sparsity {args.model} {args.weights} threads={threads}: dense ppl {dense_ppl:.3f}, {rows[0]['tok_s']:.2f} tok/s; "
@@ -143,6 +149,13 @@ def main() -> None:
     print("RESULT " + json.dumps({"bench": "sparsity_table", "model": args.model, "threads": threads, "rows": rows}))
 
 
+def report_path(args) -> Path:
+    """The markdown table's path (the JSON and PNG beside it)."""
+    short = {"qwen2.5-coder-0.5b": "qwen05", "qwen2.5-coder-1.5b": "qwen15"}
+    stem = "sparsity_" + short.get(args.model, re.sub(r"[^A-Za-z0-9]+", "_", args.model))
+    return Path(args.out) if args.out else RESULTS / f"{stem}.md"
+
+
 def write_report(args, rows: list[dict], dense_ppl: float, threads: int) -> None:
     import matplotlib
 
@@ -150,9 +163,7 @@ def write_report(args, rows: list[dict], dense_ppl: float, threads: int) -> None
     import matplotlib.pyplot as plt
 
     RESULTS.mkdir(exist_ok=True)
-    short = {"qwen2.5-coder-0.5b": "qwen05", "qwen2.5-coder-1.5b": "qwen15"}
-    stem = "sparsity_" + short.get(args.model, re.sub(r"[^A-Za-z0-9]+", "_", args.model))
-    md = Path(args.out) if args.out else RESULTS / f"{stem}.md"
+    md = report_path(args)
     lines = [f"# Activation sparsity on {args.model} ({args.weights} weights, {threads} threads, in-process engine, "
              f"{cpu_model()})", "",
              f"Held-out perplexity over {args.ppl_tokens} tokens, 256-token windows from Python-stdlib files never "
