@@ -15,7 +15,7 @@ import numpy as np
 from actors.endpoint import RemoteEngine
 from runtime.config import EngineConfig
 from runtime.errors import EngineDeadError
-from runtime.hybrid.cluster import RAY_ENV, cluster_has_gpu, ensure_ray
+from runtime.hybrid.cluster import EXECUTOR_ENV, cluster_has_gpu, ensure_ray
 from runtime.hybrid.placement import place
 from runtime.model.config import ModelConfig
 from runtime.model.ffn_shard import ShardSpec
@@ -51,7 +51,7 @@ class HybridEngine(RemoteEngine):
         group = get_current_placement_group()
         here = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0) if group is not None else \
             NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        options: dict[str, Any] = {"num_cpus": 0, "runtime_env": {"env_vars": dict(RAY_ENV)},
+        options: dict[str, Any] = {"num_cpus": 0, "runtime_env": {"env_vars": dict(EXECUTOR_ENV)},
                                    "scheduling_strategy": here}
         # Threaded: many callers wait on it at once while its engine thread batches their requests.
         gpu_cls = ray.remote(num_gpus=1 if cluster_has_gpu() else 0, max_concurrency=MAX_CALLERS, **options)(GPUExecutor)
