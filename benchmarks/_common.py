@@ -1,5 +1,7 @@
-"""Helpers shared by the benchmark scripts."""
+"""Helpers shared by the benchmark scripts (imported first: ``runtime`` sets OpenMP's wait before torch loads)."""
 from __future__ import annotations
+
+import runtime  # noqa: F401  (first, before any torch import: see runtime/__init__.py)
 
 import logging
 import os

@@ -76,8 +76,8 @@ def main() -> None:
               "dense_gb_s": round(ffn_mb / 1e3 / dense, 1), "ratio_to_dense": rows, "targets": TARGETS,
               "targets_met": met}
     print(f"sparse FFN {args.model} {args.weights}, {cfg.num_hidden_layers} layers (d={d}, n_ff={n}), "
-          f"threads={args.threads}, {cpu_model()}: dense {dense * 1e3:.2f} ms a token ({ffn_mb / 1e3 / dense:.1f} GB/s); "
-          "time vs dense (scattered / runs of " + f"{args.run_length}): "
+          f"threads={args.threads}, {cpu_model()}: dense {dense * 1e3:.2f} ms a token "
+          f"({ffn_mb / 1e3 / dense:.1f} GB/s); time vs dense (scattered / runs of {args.run_length}): "
           + ", ".join(f"{k} {v['scattered']:.2f}x / {v['runs']:.2f}x" for k, v in rows.items())
           + f" (medians of {args.runs}); targets 0.2 -> <=0.30x, 0.5 -> <=0.60x: scattered "
           + ("met" if all(m["scattered"] for m in met.values()) else "missed") + ", runs "

@@ -132,9 +132,9 @@ def main() -> None:
             llm.shutdown()
     dense_ppl = rows[0]["ppl"]
     if args.merge:                  # each row's speed is a ratio to dense in its own run: rows of two runs compare
-        measured = {(r["mode"], r["target"]) for r in rows}
-        rows += [r for r in json.loads(report_path(args).with_suffix(".json").read_text())["rows"]
-                 if (r["mode"], r["target"]) not in measured]
+        new = {(r["mode"], r["target"]): r for r in rows}
+        old = json.loads(report_path(args).with_suffix(".json").read_text())["rows"]
+        rows = [new.pop((r["mode"], r["target"]), r) for r in old] + list(new.values())    # the table's order
     write_report(args, rows, dense_ppl, threads)
     best = [r for r in rows if r.get("mode") == "predictor" and r.get("target") == 0.5 and "ppl" in r]
     line = (f"sparsity {args.model} {args.weights} threads={threads}: dense ppl {dense_ppl:.3f}, {rows[0]['tok_s']:.2f} tok/s; "

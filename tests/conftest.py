@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import runtime  # noqa: F401  (before torch: it sets OpenMP's wait as every pinfer process has it)
 import pytest
 import torch
 

@@ -338,9 +338,14 @@ def test_runs_resume_and_refuse_other_settings(smollm, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "he.summary.json").read_text())["pass@1"] == first["pass@1"]
     assert first["machine"]["cpus"] == os.cpu_count() and first["machine"]["gpu"] is None   # in process: CPU only
 
+    summary_path = tmp_path / "he.summary.json"                       # as a sparse run's summary would say
+    measured = json.loads(summary_path.read_text())
+    measured["engine"]["achieved_sparsity"] = 0.42
+    summary_path.write_text(json.dumps(measured))
     again = run_humaneval(cfg, smollm, show_progress=False)          # nothing left to generate
     assert again["num_new_samples"] == 0 and out.read_text().splitlines() == lines
     assert again["machine"] == first["machine"]                        # where the samples came from, kept
+    assert again["engine"]["achieved_sparsity"] == 0.42                # what that run measured, kept
     assert again["wall_s"] == first["wall_s"] and again["throughput_tokens_per_s"] == first["throughput_tokens_per_s"]
     assert {k: again[k] for k in ("pass@1", "num_passed", "status")} == \
         {k: first[k] for k in ("pass@1", "num_passed", "status")}

@@ -122,7 +122,9 @@ def run_humaneval(cfg: EvalConfig, llm: LLM | None = None, show_progress: bool =
     if todo:
         summary["machine"] = machine(settings.hot_fraction is not None)
     else:
-        summary.update(_previous_run(cfg.output))
+        previous, achieved = _previous_run(cfg.output)
+        summary.update(previous)
+        summary["engine"]["achieved_sparsity"] = achieved
     write_json(sidecar(cfg.output, "summary"), summary)
     return summary
 
@@ -137,15 +139,16 @@ def machine(hybrid: bool) -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "cpu": platform.machine(), "gpu": gpu}
 
 
-def _previous_run(output: Path) -> dict[str, Any]:
-    """A rerun that generated nothing keeps the machine and the times its summary named (those of the run that
-    generated the samples)."""
+def _previous_run(output: Path) -> tuple[dict[str, Any], float | None]:
+    """A rerun that generated nothing keeps what its summary measured (the run that generated the samples did):
+    the machine and the times, and the achieved sparsity."""
     try:
         old = json.loads(sidecar(output, "summary").read_text())
     except (OSError, ValueError):
-        return {"machine": None}
-    return {"machine": old.get("machine"),
-            **{k: old[k] for k in ("wall_s", "throughput_tokens_per_s", "generation_wall_s") if k in old}}
+        return {"machine": None}, None
+    return ({"machine": old.get("machine"),
+             **{k: old[k] for k in ("wall_s", "throughput_tokens_per_s", "generation_wall_s") if k in old}},
+            (old.get("engine") or {}).get("achieved_sparsity"))
 
 
 class _Progress:

@@ -138,11 +138,12 @@ def _make_layer(arrays: dict[str, np.ndarray], layer: int, n: int, tau: float, a
     weight = arrays.get(f"layer_{layer}.weight")
     up_var = sigma[n:] ** 2 if len(sigma) > n else None                           # gated: sigma = [gate n | up n]
     if quantized and proj_t.shape[0] % QK == 0 and expand_t.shape[0] % QK == 0:
+        def rows(a_t: np.ndarray) -> QMatrix:                                     # [k, m] -> m rows of k inputs
+            return QMatrix(quantize(np.ascontiguousarray(a_t.T), quantized), quantized, a_t.shape[0])
+
         f32 = [None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
                for a in (sigma[:n], z, w / w.sum(), up_var, weight)]
-        return QuantizedLayerPredictor(QMatrix(quantize(np.ascontiguousarray(proj_t.T), quantized), quantized, proj_t.shape[0]),
-                                       QMatrix(quantize(np.ascontiguousarray(expand_t.T), quantized), quantized, expand_t.shape[0]),
-                                       *f32, act, tau, num_threads)
+        return QuantizedLayerPredictor(rows(proj_t), rows(expand_t), *f32, act, tau, num_threads)
     nodes = tensor(z)
     return LayerPredictor(tensor(proj_t), tensor(expand_t), tensor(sigma[:n])[:, None] * nodes, tensor(w / w.sum()),
                           None if up_var is None else tensor(up_var), ACTIVATIONS[act], tau,
