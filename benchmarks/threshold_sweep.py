@@ -93,6 +93,7 @@ def main() -> None:
 
     from runtime import EngineConfig
     from runtime.evals.harness import EvalConfig, run_humaneval
+    from runtime.evals.results import SettingsMismatchError
     from runtime.model.registry import resolve_model
     from runtime.sparsity.artifacts import MissingArtifactError
     from runtime.sparsity.online import artifacts_digest
@@ -103,7 +104,7 @@ def main() -> None:
         wanted = set(args.only.split(","))
         grid = [p for p in grid if p.name in wanted]
     t0 = time.perf_counter()
-    done = []
+    done, skipped = [], []
     for p in grid:
         if args.budget_minutes is not None and time.perf_counter() - t0 > args.budget_minutes * 60:
             logger.info("time budget spent; rerun to go on")
@@ -126,10 +127,16 @@ def main() -> None:
         except MissingArtifactError as e:
             logger.warning("skipping %s %s: %s", p.model, p.name, e)
             continue
+        except SettingsMismatchError as e:      # e.g. made with thresholds/predictors since re-prepared: kept as is
+            logger.warning("skipping %s %s: %s", p.model, p.name, e)
+            skipped.append(p.name)
+            continue
         done.append({"model": p.model, "point": p.name, "pass@1": summary["pass@1"],
                      "num_problems": summary["num_problems"], "wall_s": summary["wall_s"]})
         print(json.dumps(done[-1]), flush=True)
-    print(f"threshold sweep: {len(done)} points run or resumed in {time.perf_counter() - t0:.0f} s")
+    print(f"threshold sweep: {len(done)} points run or resumed in {time.perf_counter() - t0:.0f} s"
+          + (f"; {len(skipped)} skipped, their results made with other settings: {', '.join(skipped)}" if skipped
+             else ""))
     print("RESULT " + json.dumps({"bench": "threshold_sweep", "points": done}))
 
 

@@ -361,13 +361,13 @@ def test_runs_resume_and_refuse_other_settings(smollm, tmp_path: Path) -> None:
 
     from dataclasses import replace
 
-    from runtime.evals.results import ResultStore, RunSettings
+    from runtime.evals.results import ResultStore, RunSettings, SettingsMismatchError
 
     sidecar = tmp_path / "he.settings.json"
     recorded = json.loads(sidecar.read_text())
     assert recorded["weights"] == smollm.config.weights == "q8"        # the default format
     settings = RunSettings(**{**recorded, "stop": tuple(recorded["stop"])})
-    with pytest.raises(ValueError, match="weights: 'fp32' now vs 'q8' there"):       # formats never mix
+    with pytest.raises(SettingsMismatchError, match="weights: 'fp32' now vs 'q8' there"):       # formats never mix
         ResultStore(out, replace(settings, weights="fp32"))
     del recorded["weights"]                                            # written before the setting existed:
     sidecar.write_text(json.dumps(recorded))                           # float weights, the default then

@@ -9,9 +9,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import PinferError
+
 logger = logging.getLogger(__name__)
 
 HARNESS_VERSION = 1          # bump when prompts, stop strings or program building change
+
+
+class SettingsMismatchError(PinferError, ValueError):
+    """A result file holds records made under other settings (they must not mix)."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -98,7 +104,7 @@ class ResultStore:
                     if mine.get(k) != theirs.get(k)}
             if diff:
                 said = "; ".join(f"{k}: {a!r} now vs {b!r} there" for k, (a, b) in diff.items())
-                raise ValueError(f"{self.path} holds results made with other settings ({said}); choose another "
+                raise SettingsMismatchError(f"{self.path} holds results made with other settings ({said}); choose another "
                                  f"--output or delete {self.path} and {self.settings_path}")
         elif self.path.exists() and self.path.stat().st_size:
             raise ValueError(f"{self.path} has results but no {self.settings_path} to say how they were made; "
