@@ -39,8 +39,15 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="markdown path (default: results/sparsity_<model>.md)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of the existing table (its JSON) that this run does not measure again")
+    ap.add_argument("--rewrite", action="store_true",
+                    help="measure nothing: write the table and plot again from the existing JSON")
     args = ap.parse_args()
     quiet_logs()
+    if args.rewrite:
+        saved = json.loads(report_path(args).with_suffix(".json").read_text())
+        rows = saved["rows"]
+        write_report(args, rows, rows[0]["ppl"], saved["threads"], saved["cpu"], token_bytes(args))
+        return
 
     import numpy as np
     import torch
@@ -135,7 +142,7 @@ def main() -> None:
         new = {(r["mode"], r["target"]): r for r in rows}
         old = json.loads(report_path(args).with_suffix(".json").read_text())["rows"]
         rows = [new.pop((r["mode"], r["target"]), r) for r in old] + list(new.values())    # the table's order
-    write_report(args, rows, dense_ppl, threads)
+    write_report(args, rows, dense_ppl, threads, cpu_model(), token_bytes(args))
     best = [r for r in rows if r.get("mode") == "predictor" and r.get("target") == 0.5 and "ppl" in r]
     line = (f"sparsity {args.model} {args.weights} threads={threads}: dense ppl {dense_ppl:.3f}, {rows[0]['tok_s']:.2f} tok/s; "
             + "; ".join(f"{r['mode']}@{r['target']:.1f} ppl {r['ppl']:.3f} ({r['ppl'] / dense_ppl - 1:+.1%})"
@@ -156,7 +163,44 @@ def report_path(args) -> Path:
     return Path(args.out) if args.out else RESULTS / f"{stem}.md"
 
 
-def write_report(args, rows: list[dict], dense_ppl: float, threads: int) -> None:
+def token_bytes(args) -> dict[str, int] | None:
+    """The weight bytes a dense decode step reads, by part (``qweights.bytes_by_part``), plus ``scorer``: the
+    predictors' (None for float weights)."""
+    if args.weights == "fp32":
+        return None
+    import torch
+
+    from runtime.model.qweights import bytes_by_part
+    from runtime.model.registry import resolve_model
+    from runtime.sparsity import artifacts
+    from runtime.sparsity.predictor import load_predictors
+
+    model_dir = resolve_model(args.model)
+    parts = bytes_by_part(model_dir, args.weights)
+    for s in args.sparsities:                        # one scorer per layer, shared by every level
+        try:
+            parts["scorer"] = sum(p.nbytes for p in load_predictors(model_dir, s, torch.float32, "cpu", "q8_0"))
+            break
+        except artifacts.MissingArtifactError:
+            continue
+    return parts
+
+
+SKIPPED = {"gate": ("up", "down"), "down": ("down",), "wina": ("down",), "predictor": ("gate", "up", "down")}
+
+
+def byte_bound(row: dict, parts: dict[str, int] | None) -> float | None:
+    """The decode speed over dense if a step's time followed the weight bytes it reads: the mode skips its
+    matrices' rows at the achieved sparsity (and predictor mode reads its scorers too)."""
+    if parts is None or row["mode"] not in SKIPPED or (row["mode"] == "predictor" and "scorer" not in parts):
+        return 1.0 if parts is not None and row["mode"] == "dense" else None
+    dense = sum(v for k, v in parts.items() if k != "scorer")
+    read = dense - row["achieved_sparsity"] * sum(parts[k] for k in SKIPPED[row["mode"]])
+    return dense / (read + (parts["scorer"] if row["mode"] == "predictor" else 0))
+
+
+def write_report(args, rows: list[dict], dense_ppl: float, threads: int, cpu: str,
+                 parts: dict[str, int] | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,7 +209,7 @@ def write_report(args, rows: list[dict], dense_ppl: float, threads: int) -> None
     RESULTS.mkdir(exist_ok=True)
     md = report_path(args)
     lines = [f"# Activation sparsity on {args.model} ({args.weights} weights, {threads} threads, in-process engine, "
-             f"{cpu_model()})", "",
+             f"{cpu})", "",
              f"Held-out perplexity over {args.ppl_tokens} tokens, 256-token windows from Python-stdlib files never "
              "used for calibration (one window per file, files spread over the held-out split); agreement = top-1 "
              "agreement with the dense greedy continuation (128 tokens, teacher-forced); achieved sparsity = share "
@@ -173,32 +217,52 @@ def write_report(args, rows: list[dict], dense_ppl: float, threads: int) -> None
              "the same run (batch 1). oracle = exactly the neurons with |a_j| > tau_act (a perfect predictor; quality only, it "
              "computes the FFN twice). predictor recall / \\|a\\| mass kept = held-out means from `pinfer "
              "train-predictors` (share of the truly active neurons predicted; share of the sum of \\|a_j\\| over "
-             "all neurons that the predicted ones carry). Produced by `benchmarks/sparsity_table.py`.", "",
-             "| mode | target sparsity | achieved sparsity | held-out ppl | ppl vs dense | agreement | "
-             "predictor recall | predictor \\|a\\| mass kept | decode tok/s | vs dense |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "all neurons that the predicted ones carry). Produced by `benchmarks/sparsity_table.py`.", ""]
+    if parts is not None:
+        dense = sum(v for k, v in parts.items() if k != "scorer")
+        share = {k: v / dense for k, v in parts.items()}
+        lines += [f"Weight bytes a dense decode step reads: {dense / 1e6:.0f} MB: FFN gate {share['gate']:.0%}, up "
+                  f"{share['up']:.0%}, down {share['down']:.0%}, attention projections {share['attention']:.0%}, "
+                  f"LM head {share['head']:.0%}"
+                  + (f"; the predictors' scorers {share['scorer']:.0%} more" if "scorer" in share else "")
+                  + ". *Byte bound* = the speed over dense if a step's time were proportional to the weight bytes "
+                  "it reads (a mode skips its matrices' rows at the achieved sparsity: gate mode up and down, "
+                  "down/wina modes down, predictor mode all three, and reads its scorers): where a measured speed "
+                  "falls short of it, the kernel's work per byte, not the bytes, is what costs. Input sparsity on the "
+                  f"attention projections (TEAL) could remove at most half of their {share['attention']:.0%} at 50%, "
+                  f"a byte bound of {1 / (1 - share['attention'] / 2):.2f}x: not built.", ""]
+    lines += ["| mode | target sparsity | achieved sparsity | held-out ppl | ppl vs dense | agreement | "
+              "predictor recall | predictor \\|a\\| mass kept | decode tok/s | vs dense | byte bound |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "missing" in r:
-            lines.append(f"| {r['mode']} | {r['target']:.0%} | not run: {r['missing']} | | | | | | | |")
+            lines.append(f"| {r['mode']} | {r['target']:.0%} | not run: {r['missing']} | | | | | | | | |")
             continue
         rec = "" if r["predictor_recall"] is None else f"{r['predictor_recall']:.3f}"
         mass = "" if r.get("predictor_mass_kept") is None else f"{r['predictor_mass_kept']:.3f}"
         speed = "n/a | n/a" if r["tok_s"] is None else f"{r['tok_s']:.2f} | {r['speed_ratio']:.2f}x"
+        bound = byte_bound(r, parts)
         lines.append(f"| {r['mode']} | {r['target']:.0%} | {r['achieved_sparsity']:.1%} | {r['ppl']:.3f} | "
-                     f"{r['ppl'] / dense_ppl - 1:+.1%} | {r['agreement']:.3f} | {rec} | {mass} | {speed} |")
+                     f"{r['ppl'] / dense_ppl - 1:+.1%} | {r['agreement']:.3f} | {rec} | {mass} | {speed} | "
+                     f"{'' if bound is None else f'{bound:.2f}x'} |")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode, marker in zip(dict.fromkeys(r["mode"] for r in rows[1:]), "^osDvP"):
+    for i, (mode, marker) in enumerate(zip(dict.fromkeys(r["mode"] for r in rows[1:]), "^osDvP")):   # a color a mode
         ppl_pts = sorted((r["achieved_sparsity"], r["ppl"]) for r in rows if r.get("mode") == mode and "ppl" in r)
         speed_pts = sorted((r["achieved_sparsity"], r["speed_ratio"]) for r in rows
                            if r.get("mode") == mode and r.get("speed_ratio"))
         if ppl_pts:
-            a1.plot(*zip(*ppl_pts), marker=marker, label=mode)
+            a1.plot(*zip(*ppl_pts), marker=marker, label=mode, color=f"C{i}")
         if speed_pts:
-            a2.plot(*zip(*speed_pts), marker=marker, label=mode)
+            a2.plot(*zip(*speed_pts), marker=marker, label=mode, color=f"C{i}")
+            bound_pts = sorted((r["achieved_sparsity"], byte_bound(r, parts)) for r in rows
+                               if r.get("mode") == mode and r.get("speed_ratio") and byte_bound(r, parts))
+            if bound_pts:
+                a2.plot(*zip(*bound_pts), ls=":", color=f"C{i}")
     a1.axhline(dense_ppl, color="gray", ls="--", label="dense")
     a2.axhline(1.0, color="gray", ls="--", label="dense")
     a1.set(xlabel="achieved activation sparsity", ylabel="held-out perplexity", yscale="log", title=args.model)
-    a2.set(xlabel="achieved activation sparsity", ylabel="decode tok/s vs dense", title="speed (same run)")
+    a2.set(xlabel="achieved activation sparsity", ylabel="decode tok/s vs dense",
+           title="speed (same run; dotted: byte bound)" if parts else "speed (same run)")
     a1.legend(), a2.legend()
     fig.tight_layout()
     png = md.with_suffix(".png")
@@ -206,7 +270,8 @@ def write_report(args, rows: list[dict], dense_ppl: float, threads: int) -> None
     lines += ["", f"![perplexity and speed vs sparsity]({png.name})", ""]
     md.write_text("\n".join(lines))
     md.with_suffix(".json").write_text(json.dumps(      # what humaneval_report.py reads the speed of each point from
-        {"model": args.model, "weights": args.weights, "threads": threads, "cpu": cpu_model(), "rows": rows}, indent=1))
+        {"model": args.model, "weights": args.weights, "threads": threads, "cpu": cpu, "token_bytes": parts,
+         "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

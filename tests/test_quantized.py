@@ -251,6 +251,8 @@ def test_predictor_scores_kernel_equals_its_reference(isa: str, gated: bool, act
     q = _make_layer(arrays, 0, n, 0.0, act, torch.float32, "cpu", "q8_0", 2)
     ref = _make_layer(arrays, 0, n, 0.0, act, torch.float32, "cpu", None, 1)
     assert type(q).__name__ == "QuantizedLayerPredictor"
+    weights = (rank + 64) * d + (2 if gated else 1) * n * rank                  # P and S, then Q
+    assert q.nbytes == weights * 34 // 32 and ref.nbytes == weights * 4          # what scoring a token reads
     rows = x[768:][:5]
     h = x_reference(rows) @ q.proj.dequantize().T                                 # [5, rank + sketch]
     spread2 = h[:, rank:].pow(2).sum(1, keepdim=True)
@@ -331,6 +333,24 @@ def test_container_round_trips_the_float_checkpoint(quant_dir: Path, weights: st
     assert all(np.array_equal(a, b[rows]) for a, b in zip(own.arrays(), before))
     with pytest.raises(ValueError, match="views of this weights file"):
         q.release(own.arrays())
+
+
+@pytest.mark.parametrize("weights", ["q8", "q4"])
+def test_bytes_a_token_reads_split_by_part(quant_dir: Path, weights: str) -> None:
+    from runtime.model.qformat import row_bytes
+    from runtime.model.qweights import bytes_by_part, bytes_per_token
+
+    cfg, parts = ModelConfig.load(quant_dir), bytes_by_part(quant_dir, weights)
+    d, n, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    fmt_gu, fmt_down = ("q8_0", "q8_0") if weights == "q8" else ("q4_1", "q8_0")
+    assert parts["gate"] == parts["up"] == L * n * row_bytes(fmt_gu, d)          # neuron-major rows of d inputs
+    assert parts["down"] == L * n * row_bytes(fmt_down, d)                       # down rows (not W_down again)
+    kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
+    assert parts["attention"] == L * (d + 2 * kv + d) * row_bytes(fmt_gu, d)     # q, k, v and o rows
+    assert parts["head"] == cfg.vocab_size * row_bytes("q8_0", d)
+    bias = 4 * L * (d + 2 * kv) if "model.layers.0.self_attn.qkv_bias" in open_quantized(quant_dir, weights) else 0
+    assert parts["other"] == 4 * (2 * L + 1) * d + bias                          # fp32 norms (and q, k, v biases)
+    assert sum(parts.values()) == bytes_per_token(quant_dir, weights)
 
 
 def test_bad_and_truncated_weight_files_give_a_clear_error(quant_dir: Path, tmp_path: Path) -> None:

@@ -223,5 +223,20 @@ def bytes_per_token(model_dir: str | Path, weights: str) -> int:
         ckpt = Checkpoint(Path(model_dir))
         names = [n for n in ckpt.names() if not (n == "model.embed_tokens.weight" and "lm_head.weight" in ckpt)]
         return sum(ckpt.nbytes(n) for n in names)
+    return sum(bytes_by_part(model_dir, weights).values())
+
+
+def bytes_by_part(model_dir: str | Path, weights: str) -> dict[str, int]:
+    """``bytes_per_token`` of quantized weights split by what reads them: ``gate``, ``up``, ``down`` (the FFNs'
+    three matrices, which the sparse modes skip rows of), ``attention`` (q, k, v, o), ``head`` (the LM head) and
+    ``other`` (norms, biases)."""
     q = open_quantized(model_dir, weights)
-    return sum(q.nbytes(name) for name in q.names() if name != "embed" and not name.endswith(".down_t"))
+    parts = dict.fromkeys(("gate", "up", "down", "attention", "head", "other"), 0)
+    for name in q.names():
+        if name == "embed" or name.endswith(".down_t"):    # one row a token / the same blocks as the down rows
+            continue
+        last = name.rsplit(".", 1)[-1]
+        part = (last if ".mlp." in name else "attention" if ".self_attn." in name and last in ("qkv", "o")
+                else "head" if name == "lm_head" else "other")
+        parts[part] += q.nbytes(name)
+    return parts

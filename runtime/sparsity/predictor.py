@@ -75,6 +75,11 @@ class LayerPredictor:
     tau: float                      # threshold on the score of this sparsity level
     weight: torch.Tensor | None = None   # [n] ||W_down[:, j]||^2 (criterion wina), None: E[a_j^2] alone
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights that scoring a token reads (P, S and Q)."""
+        return sum(t.numel() * t.element_size() for t in (self.proj_t, self.expand_t))
+
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """E[a_j^2] (times ||W_down[:, j]||^2 for wina) [N, n] for x [N, d]: each neuron's estimated squared
         activation (contribution)."""
@@ -118,6 +123,11 @@ class QuantizedLayerPredictor:
     act: str
     tau: float
     num_threads: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights that scoring a token reads (P, S and Q)."""
+        return self.proj.nbytes + self.expand.nbytes
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return predictor_scores(x.float(), self.proj, self.expand.k, self.expand, self.sigma, self.nodes,
