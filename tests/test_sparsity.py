@@ -166,6 +166,19 @@ def test_offline_pipeline_measures_what_it_reports(tiny: Path) -> None:
 
     assert digest("predictor", 0.5) == digest("predictor", 0.5) != digest("gate", 0.5)
     assert digest("dense", 0.0) is None
+    before = digest("predictor", 0.5)                      # the same step rerun: the same digest (resumable runs),
+    train_predictors(model, tiny, encode, [0.5], num_tokens=2048, heldout_tokens=512, max_sparsity_gap=0.09)
+    assert digest("predictor", 0.5) == before             # though its manifest records another training time
+    path = artifacts.artifact_dir(tiny) / "predictors.json"
+    text = path.read_text()
+    manifest = json.loads(text)
+    manifest["levels"]["s90"] = manifest["levels"]["s50"]  # a level trained beside it changes nothing of s50's
+    path.write_text(json.dumps(manifest))
+    assert digest("predictor", 0.5) == before
+    manifest["levels"]["s50"]["mean"]["recall"] += 0.01    # other arrays (another report): another digest
+    path.write_text(json.dumps(manifest))
+    assert digest("predictor", 0.5) != before
+    path.write_text(text)
 
     prompts, params = ["def f(x):", "import os"], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     gate = LLM(str(tiny), sparsity="gate", activation_sparsity=0.5)

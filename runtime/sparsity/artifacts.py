@@ -69,14 +69,26 @@ def load(model_dir: Path, name: str, how_to_make: str) -> tuple[dict[str, np.nda
     return load_file(str(d / f"{name}.safetensors")), manifest
 
 
-def manifest_digest(model_dir: Path, names: list[str], how_to_make: str) -> str:
-    """16 hex digits of sha256 over the named manifests (each rewritten whenever its arrays are)."""
+VOLATILE = ("seconds",)       # manifest keys that differ between two runs making the same arrays
+
+
+def manifest_digest(model_dir: Path, names: list[str], how_to_make: str, level: str | None = None) -> str:
+    """16 hex digits of sha256 over the named manifests (each rewritten whenever its arrays are). A manifest of
+    several ``levels`` (the predictors') counts by what makes ``level``'s arrays: its parameters and that
+    level's report, not the time it took or the other levels trained beside it, so that the same offline step
+    rerun (deterministic on one machine) gives the same digest."""
     h = hashlib.sha256()
     for name in names:
         path = artifact_dir(model_dir) / f"{name}.json"
         if not path.is_file():
             raise MissingArtifactError(f"{artifact_dir(model_dir) / name} not found; create it with `{how_to_make}`")
-        h.update(path.read_bytes())
+        manifest = json.loads(path.read_bytes())
+        if level is None or "levels" not in manifest:
+            h.update(path.read_bytes())
+            continue
+        kept = {k: v for k, v in manifest.items() if k not in VOLATILE}
+        kept["levels"] = {level: manifest["levels"].get(level)}
+        h.update(json.dumps(kept, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 

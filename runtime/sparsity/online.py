@@ -26,7 +26,8 @@ def artifacts_digest(model_dir: Path, config: EngineConfig) -> str | None:
     if config.sparsity == "dense":
         return None
     names = [calibration_name(config.activation_sparsity)] + (["predictors"] if config.sparsity == "predictor" else [])
-    return artifacts.manifest_digest(model_dir, names, prepare_hint(model_dir, config.activation_sparsity))
+    return artifacts.manifest_digest(model_dir, names, prepare_hint(model_dir, config.activation_sparsity),
+                                     artifacts.sparsity_tag(config.activation_sparsity))
 
 
 def mode_thresholds(model_dir: Path, config: EngineConfig) -> list[float | np.ndarray] | None:
