@@ -168,8 +168,6 @@ def token_bytes(args) -> dict[str, int] | None:
     predictors' (None for float weights)."""
     if args.weights == "fp32":
         return None
-    import torch
-
     from runtime.model.qweights import bytes_by_part
     from runtime.model.registry import resolve_model
     from runtime.sparsity import artifacts
@@ -179,7 +177,7 @@ def token_bytes(args) -> dict[str, int] | None:
     parts = bytes_by_part(model_dir, args.weights)
     for s in args.sparsities:                        # one scorer per layer, shared by every level
         try:
-            parts["scorer"] = sum(p.nbytes for p in load_predictors(model_dir, s, torch.float32, "cpu", "q8_0"))
+            parts["scorer"] = sum(p.nbytes for p in load_predictors(model_dir, s, quantized="q8_0"))
             break
         except artifacts.MissingArtifactError:
             continue

@@ -104,8 +104,8 @@ class ResultStore:
                     if mine.get(k) != theirs.get(k)}
             if diff:
                 said = "; ".join(f"{k}: {a!r} now vs {b!r} there" for k, (a, b) in diff.items())
-                raise SettingsMismatchError(f"{self.path} holds results made with other settings ({said}); choose another "
-                                 f"--output or delete {self.path} and {self.settings_path}")
+                raise SettingsMismatchError(f"{self.path} holds results made with other settings ({said}); choose "
+                                            f"another --output or delete {self.path} and {self.settings_path}")
         elif self.path.exists() and self.path.stat().st_size:
             raise ValueError(f"{self.path} has results but no {self.settings_path} to say how they were made; "
                              f"choose another --output")

@@ -82,9 +82,10 @@ def manifest_digest(model_dir: Path, names: list[str], how_to_make: str, level: 
         path = artifact_dir(model_dir) / f"{name}.json"
         if not path.is_file():
             raise MissingArtifactError(f"{artifact_dir(model_dir) / name} not found; create it with `{how_to_make}`")
-        manifest = json.loads(path.read_bytes())
+        raw = path.read_bytes()
+        manifest = json.loads(raw)
         if level is None or "levels" not in manifest:
-            h.update(path.read_bytes())
+            h.update(raw)
             continue
         kept = {k: v for k, v in manifest.items() if k not in VOLATILE}
         kept["levels"] = {level: manifest["levels"].get(level)}
