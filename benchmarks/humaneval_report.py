@@ -106,23 +106,10 @@ def mcnemar(base: Run, other: Run) -> tuple[int, int, float]:
 
 
 def predictor_recall(run: Run) -> str:
-    """Held-out mean recall of the predictors beside the model at the run's level, when they are the ones the run
-    was made with (the run's settings record the digest of its offline results; retrained ones differ)."""
-    try:
-        from runtime.config import EngineConfig
-        from runtime.model.registry import resolve_model
-        from runtime.sparsity.artifacts import sparsity_tag
-        from runtime.sparsity.online import artifacts_digest
-
-        model_dir = resolve_model(run.model)
-        settings = json.loads(run.path.with_name(run.path.stem + ".settings.json").read_text())
-        if settings.get("sparsity_artifacts") != artifacts_digest(
-                model_dir, EngineConfig(sparsity="predictor", activation_sparsity=run.sparsity)):
-            return "(retrained since)"
-        manifest = json.loads((model_dir / "sparsity" / "predictors.json").read_text())
-        return f'{manifest["levels"][sparsity_tag(run.sparsity)]["mean"]["recall"]:.3f}'
-    except Exception:            # not trained at this level: the table says so
-        return ""
+    """Held-out mean recall of the predictors the run was made with, as its summary recorded it (runs made before
+    summaries did: not recorded; the predictors beside the model now may be others)."""
+    recorded = (run.summary.get("engine") or {}).get("predictor_recall")
+    return "(not recorded)" if recorded is None else f"{recorded:.3f}"
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,11 @@ def run_humaneval(cfg: EvalConfig, llm: LLM | None = None, show_progress: bool =
         previous, achieved = _previous_run(cfg.output)
         summary.update(previous)
         summary["engine"]["achieved_sparsity"] = achieved
+    if engine.sparsity == "predictor":        # the store holds only runs of these predictors (their digest)
+        from runtime.sparsity.predictor import predictor_report
+
+        report = predictor_report(model_dir, engine.activation_sparsity)
+        summary["engine"]["predictor_recall"] = None if report is None else report["mean"]["recall"]
     write_json(sidecar(cfg.output, "summary"), summary)
     return summary
 
