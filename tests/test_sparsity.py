@@ -196,9 +196,9 @@ def test_offline_pipeline_measures_what_it_reports(tiny: Path) -> None:
     from runtime.evals.harness import EvalConfig, run_humaneval     # an eval run records its predictors' recall
     from runtime.evals.sandbox import missing_features
 
-    summary = run_humaneval(EvalConfig(output=tiny.parent / "he-predictor.jsonl", engine=pred.config,
-                                       tasks=["HumanEval/53"], max_tokens=4, allow_weak_sandbox=bool(missing_features())), pred,
-                            show_progress=False)
+    cfg = EvalConfig(output=tiny.parent / "he-predictor.jsonl", engine=pred.config, tasks=["HumanEval/53"],
+                     max_tokens=4, allow_weak_sandbox=bool(missing_features()))
+    summary = run_humaneval(cfg, pred, show_progress=False)
     assert summary["engine"]["predictor_recall"] == level["mean"]["recall"] > 0
 
     import ray
