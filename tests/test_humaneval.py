@@ -53,6 +53,7 @@ def test_every_canonical_solution_passes(problems: dict[str, Problem]) -> None:
     ("    import os\n    os._exit(0)\n", "error", "PermissionError"),
     ("    import subprocess\n    subprocess.run(['true'])\n", "error", "PermissionError"),
     ("    import posix\n    posix._exit(0)\n", "error", "no completion token"),      # a faked pass
+    ("    from operator import max\n", "error", "from 'operator' (<python>/lib/"),   # no machine path recorded
 ])
 def test_broken_completions_do_not_pass(problems: dict[str, Problem], body: str, status: str, detail: str) -> None:
     p = problems["HumanEval/0"]

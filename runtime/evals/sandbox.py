@@ -148,7 +148,16 @@ def _minimal_env(home: str) -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
 
 
+def _machine_paths() -> list[tuple[str, str]]:
+    """This machine's directories an error line can name (a module's file), longest first, and what a recorded
+    detail says instead: results are shared, machine paths are not."""
+    places = {sys.prefix: "<venv>", sys.base_prefix: "<python>", os.path.expanduser("~"): "~"}
+    return sorted(((path, name) for path, name in places.items() if len(path) > 1), key=lambda p: -len(p[0]))
+
+
 def _classify(returncode: int, output: str, completed: bool) -> tuple[Status, str]:
+    for path, name in _machine_paths():              # before the detail is cut to length
+        output = output.replace(path, name)
     if returncode == 0 and completed:
         return "passed", ""
     if returncode == 0:
