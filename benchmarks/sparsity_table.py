@@ -187,12 +187,17 @@ def token_bytes(args) -> dict[str, int] | None:
 SKIPPED = {"gate": ("up", "down"), "down": ("down",), "wina": ("down",), "predictor": ("gate", "up", "down")}
 
 
+def dense_bytes(parts: dict[str, int]) -> int:
+    """The weight bytes of a dense decode step (the scorers are predictor mode's alone)."""
+    return sum(v for k, v in parts.items() if k != "scorer")
+
+
 def byte_bound(row: dict, parts: dict[str, int] | None) -> float | None:
     """The decode speed over dense if a step's time followed the weight bytes it reads: the mode skips its
     matrices' rows at the achieved sparsity (and predictor mode reads its scorers too)."""
     if parts is None or row["mode"] not in SKIPPED or (row["mode"] == "predictor" and "scorer" not in parts):
         return 1.0 if parts is not None and row["mode"] == "dense" else None
-    dense = sum(v for k, v in parts.items() if k != "scorer")
+    dense = dense_bytes(parts)
     read = dense - row["achieved_sparsity"] * sum(parts[k] for k in SKIPPED[row["mode"]])
     return dense / (read + (parts["scorer"] if row["mode"] == "predictor" else 0))
 
@@ -217,7 +222,7 @@ def write_report(args, rows: list[dict], dense_ppl: float, threads: int, cpu: st
              "train-predictors` (share of the truly active neurons predicted; share of the sum of \\|a_j\\| over "
              "all neurons that the predicted ones carry). Produced by `benchmarks/sparsity_table.py`.", ""]
     if parts is not None:
-        dense = sum(v for k, v in parts.items() if k != "scorer")
+        dense = dense_bytes(parts)
         share = {k: v / dense for k, v in parts.items()}
         lines += [f"Weight bytes a dense decode step reads: {dense / 1e6:.0f} MB: FFN gate {share['gate']:.0%}, up "
                   f"{share['up']:.0%}, down {share['down']:.0%}, attention projections {share['attention']:.0%}, "
@@ -232,14 +237,14 @@ def write_report(args, rows: list[dict], dense_ppl: float, threads: int, cpu: st
     lines += ["| mode | target sparsity | achieved sparsity | held-out ppl | ppl vs dense | agreement | "
               "predictor recall | predictor \\|a\\| mass kept | decode tok/s | vs dense | byte bound |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    bounds = [None if "missing" in r else byte_bound(r, parts) for r in rows]
+    for r, bound in zip(rows, bounds):
         if "missing" in r:
             lines.append(f"| {r['mode']} | {r['target']:.0%} | not run: {r['missing']} | | | | | | | | |")
             continue
         rec = "" if r["predictor_recall"] is None else f"{r['predictor_recall']:.3f}"
         mass = "" if r.get("predictor_mass_kept") is None else f"{r['predictor_mass_kept']:.3f}"
         speed = "n/a | n/a" if r["tok_s"] is None else f"{r['tok_s']:.2f} | {r['speed_ratio']:.2f}x"
-        bound = byte_bound(r, parts)
         lines.append(f"| {r['mode']} | {r['target']:.0%} | {r['achieved_sparsity']:.1%} | {r['ppl']:.3f} | "
                      f"{r['ppl'] / dense_ppl - 1:+.1%} | {r['agreement']:.3f} | {rec} | {mass} | {speed} | "
                      f"{'' if bound is None else f'{bound:.2f}x'} |")
@@ -252,8 +257,8 @@ def write_report(args, rows: list[dict], dense_ppl: float, threads: int, cpu: st
             a1.plot(*zip(*ppl_pts), marker=marker, label=mode, color=f"C{i}")
         if speed_pts:
             a2.plot(*zip(*speed_pts), marker=marker, label=mode, color=f"C{i}")
-            bound_pts = sorted((r["achieved_sparsity"], byte_bound(r, parts)) for r in rows
-                               if r.get("mode") == mode and r.get("speed_ratio") and byte_bound(r, parts))
+            bound_pts = sorted((r["achieved_sparsity"], b) for r, b in zip(rows, bounds)
+                               if r.get("mode") == mode and r.get("speed_ratio") and b)
             if bound_pts:
                 a2.plot(*zip(*bound_pts), ls=":", color=f"C{i}")
     a1.axhline(dense_ppl, color="gray", ls="--", label="dense")
