@@ -268,14 +268,15 @@ def test_predictor_scores_kernel_equals_its_reference(isa: str, gated: bool, act
 
 def test_kernel_paths_agree_with_each_other() -> None:
     """The scalar path differs from the SIMD ones only in the order of float sums; AVX-512 gives AVX2's sums bit
-    for bit (the same chains, two blocks to a register). d = 3 blocks: an odd last block; 1 row and 5 rows."""
+    for bit (the same chains, two blocks to a register; a batch from its packed rows). d = 3 blocks: an odd last
+    block; 1 row and 9 rows (a whole packed tile of 8 and a partial one)."""
     paths = qk.available_isas()
     if len(paths) < 2:
         pytest.skip(f"only one kernel path on this CPU: {paths}")
     outs: dict[str, list[torch.Tensor]] = {name: [] for name in paths}
     for fmt_gu in FORMATS:
         q, _ = _neurons(fmt_gu, "q8_0", d=96, n=64, down_t=True)
-        x, every = torch.randn(5, q.d), torch.arange(q.num_neurons)
+        x, every = torch.randn(9, q.d), torch.arange(q.num_neurons)
         for name in paths:
             qk.set_isa(name)
             for rows in (x[:1], x):

@@ -12,7 +12,8 @@
  * with -march=native), AVX-512 (F, BW, VL and VNNI) on top of it, and a portable scalar one; pinfer_set_isa()
  * selects between the compiled paths (tests compare them). The AVX-512 path computes the block dot products
  * two blocks to a register with VNNI's one-instruction multiply-add of bytes (the rest is AVX2's): its sums are
- * AVX2's bit for bit. The scalar path differs from them only in the order of float sums.
+ * AVX2's bit for bit; for a batch it reads the activation rows from a layout packed once per call (xpack_build),
+ * 8 rows to a weight row's pass. The scalar path differs from them only in the order of float sums.
  *
  * FFN neurons are neuron-major: row j of the gate, up and down matrices (each d/32 blocks; down_j = column j of
  * W_down) belong to neuron j; gate/up share one format and down has its own. y_r += a_j(x_r) * down_j over the
@@ -48,9 +49,12 @@
 enum { FMT_Q8_0 = 0, FMT_Q4_1 = 1 };
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 #define QK 32
-#define TILE 4 /* activation rows sharing one unpacked weight block */
+#define TILE 4  /* activation rows sharing one unpacked weight block */
+#define PTILE 8 /* the same from packed rows (AVX-512: twice the registers) */
 
 typedef struct { float d, s; int8_t q[QK]; } XBlock;
+/* Activation rows packed for a batch (AVX-512 path; see xpack_build); q NULL: none. */
+typedef struct { uint8_t *q; float *d; int64_t npair; } XPack;
 
 #define BEST_ISA (HAVE_AVX512 ? ISA_AVX512 : HAVE_AVX2 ? ISA_AVX2 : ISA_SCALAR)
 static int g_isa = BEST_ISA;
@@ -355,6 +359,23 @@ static inline __m512 scale_pair(const uint8_t *blk, int64_t bs, const XBlock *x)
         }                                                                                                  \
     }
 
+/* The end of a batched row sum: an odd last block b (if any) joins each row's even chain, then the chains and the
+ * Q4_1 minimum terms are added. */
+static NO_CONTRACT void finish_rows512(const uint8_t *w, int q8, int64_t bs, int64_t nb, int64_t b,
+                                       const XBlock *const *x, int nr, const __m512 *acc, float *mins, float *out) {
+    for (int r = 0; r < nr; r++) {
+        __m256 even = lo256(acc[r]);
+        if (b < nb) {
+            const uint8_t *blk = w + b * bs;
+            const XBlock *xb = x[r] + b;
+            const __m256i xq = _mm256_loadu_si256((const __m256i *)xb->q);
+            even = SCALED(blk, xb, q8 ? idot_q8(blk, xq) : idot_q41(blk, xq), even);
+            if (!q8) mins[r] += half_at(blk + 2) * xb->s;
+        }
+        out[r] = hsum(_mm256_add_ps(even, hi256(acc[r]))) + mins[r];
+    }
+}
+
 /* dot_rows_avx2's sums, two blocks to a register (halves as in DOT2_PAIRS512). */
 static NO_CONTRACT void dot_rows_avx512(const uint8_t *w, int fmt, int64_t nb, const XBlock *const *x, int nr,
                                         float *out) {
@@ -375,17 +396,75 @@ static NO_CONTRACT void dot_rows_avx512(const uint8_t *w, int fmt, int64_t nb, c
             if (!q8) mins[r] += half_at(blk + 2) * xb[0].s + half_at(blk + bs + 2) * xb[1].s;
         }
     }
-    for (int r = 0; r < nr; r++) {
-        __m256 even = lo256(acc[r]);
-        if (b < nb) {                                    /* an odd last block joins the even chain */
-            const uint8_t *blk = w + b * bs;
-            const XBlock *xb = x[r] + b;
-            const __m256i xq = _mm256_loadu_si256((const __m256i *)xb->q);
-            even = SCALED(blk, xb, q8 ? idot_q8(blk, xq) : idot_q41(blk, xq), even);
-            if (!q8) mins[r] += half_at(blk + 2) * xb->s;
+    finish_rows512(w, q8, bs, nb, b, x, nr, acc, mins, out);
+}
+
+/* Activation rows laid out for many weight rows (a batch): per row, each block pair's levels as one 64-byte run
+ * (Q8_0: q + 128, the unsigned factor of VNNI's multiply-add, the weights being the signed one; Q4_1: q as it
+ * is) and its scales d as 16 floats (block b's in lanes 0-7, b + 1's in 8-15). Built once per call, it leaves
+ * a weight pair's per-row work at one load, one multiply-add, one conversion and two float products. */
+/* Returns 0, or -1 (pk left empty: callers take the unpacked path) when memory cannot be allocated. */
+static int xpack_build(const XBlock *xq, int n_rows, int64_t nb, int fmt, XPack *pk) {
+    const int64_t np = nb / 2, n = (int64_t)n_rows * np;
+    pk->npair = np;
+    pk->q = aligned_alloc(64, (size_t)(n > 0 ? n : 1) * 64);
+    pk->d = aligned_alloc(64, (size_t)(n > 0 ? n : 1) * 64);
+    if (!pk->q || !pk->d) { free(pk->q), free(pk->d), pk->q = NULL, pk->d = NULL; return -1; }
+    const __m512i flip = _mm512_set1_epi8(fmt == FMT_Q8_0 ? (char)0x80 : 0);
+    for (int r = 0; r < n_rows; r++)
+        for (int64_t p = 0; p < np; p++) {
+            const XBlock *xb = xq + (int64_t)r * nb + 2 * p;
+            const int64_t o = (int64_t)r * np + p;
+            _mm512_store_si512(pk->q + o * 64, _mm512_xor_si512(join256(xb[0].q, xb[1].q), flip));
+            _mm512_store_ps(pk->d + o * 16, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(xb[0].d), _mm512_set1_ps(xb[1].d)));
         }
-        out[r] = hsum(_mm256_add_ps(even, hi256(acc[r]))) + mins[r];
+    return 0;
+}
+
+/* dot_rows_avx512's sums from packed rows pk (rows r0..r0 + nr - 1), bit for bit: the integer sums are the same
+ * (Q8_0: sum((q_x + 128) q_w) - 128 sum(q_w), the correction taken once per weight pair), and each block's scale
+ * is the same product d_w d_x. */
+static ALWAYS_INLINE NO_CONTRACT void dot_rows_packed_n(const uint8_t *w, const int fmt, int64_t nb, const XBlock *const *x,
+                                                        const XPack *pk, int r0, const int nr, float *out) {
+    const int q8 = fmt == FMT_Q8_0;
+    const int64_t bs = q8 ? 34 : 20, np = pk->npair;
+    const uint8_t *xq[PTILE];
+    const float *xd[PTILE];
+    __m512 acc[PTILE];
+    float mins[PTILE] = {0};
+    for (int r = 0; r < nr; r++) {
+        acc[r] = _mm512_setzero_ps();
+        xq[r] = pk->q + (int64_t)(r0 + r) * np * 64;
+        xd[r] = pk->d + (int64_t)(r0 + r) * np * 16;
     }
+    int64_t b = 0;
+    for (int64_t p = 0; p < np; p++, b += 2) {
+        const uint8_t *blk = w + b * bs;
+        __m512i wv, init = _mm512_setzero_si512();
+        if (q8) {
+            wv = join256(blk + 2, blk + bs + 2);
+            init = _mm512_sub_epi32(init, _mm512_dpbusd_epi32(init, _mm512_set1_epi8((char)0x80), wv));
+        } else {
+            wv = wq41_pair(blk);
+        }
+        const __m512 wd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(half_at(blk)), _mm512_set1_ps(half_at(blk + bs)));
+        const float m0 = q8 ? 0.f : half_at(blk + 2), m1 = q8 ? 0.f : half_at(blk + bs + 2);
+        for (int r = 0; r < nr; r++) {
+            const __m512i xv = _mm512_load_si512(xq[r] + p * 64);
+            const __m512i s = q8 ? _mm512_dpbusd_epi32(init, xv, wv) : _mm512_dpbusd_epi32(init, wv, xv);
+            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(wd, _mm512_load_ps(xd[r] + p * 16)), _mm512_cvtepi32_ps(s), acc[r]);
+            if (!q8) mins[r] += m0 * x[r][b].s + m1 * x[r][b + 1].s;
+        }
+    }
+    finish_rows512(w, q8, bs, nb, b, x, nr, acc, mins, out);
+}
+
+/* A whole tile with its row count a constant (the accumulators stay in registers), a partial one as it comes. */
+static NO_CONTRACT void dot_rows_packed(const uint8_t *w, int fmt, int64_t nb, const XBlock *const *x, const XPack *pk,
+                                        int r0, int nr, float *out) {
+    if (nr == PTILE && fmt == FMT_Q8_0) dot_rows_packed_n(w, FMT_Q8_0, nb, x, pk, r0, PTILE, out);
+    else if (nr == PTILE) dot_rows_packed_n(w, FMT_Q4_1, nb, x, pk, r0, PTILE, out);
+    else dot_rows_packed_n(w, fmt, nb, x, pk, r0, nr, out);
 }
 
 #endif
@@ -431,6 +510,34 @@ static inline void dot_rows(const uint8_t *w, int fmt, int64_t nb, const XBlock 
     if (g_isa == ISA_AVX512) { dot_rows_avx512(w, fmt, nb, x, nr, out); return; }
 #endif
     dot_rows_scalar(w, fmt, nb, x, nr, out);
+}
+
+static void xpack_free(XPack *pk) { free(pk->q), free(pk->d), pk->q = NULL, pk->d = NULL; }
+
+/* The packed layout of n_rows activation rows when the batched kernel uses one (AVX-512, more than one row);
+ * otherwise, or without memory for it, none (pk->q NULL) and the rows are read as they are. */
+static XPack xpack_for(const XBlock *xq, int n_rows, int64_t nb, int fmt) {
+    XPack pk = {NULL, NULL, 0};
+#if HAVE_AVX512
+    if (g_isa == ISA_AVX512 && n_rows > 1) xpack_build(xq, n_rows, nb, fmt, &pk);
+#else
+    (void)xq, (void)n_rows, (void)nb, (void)fmt;
+#endif
+    return pk;
+}
+
+/* Weight row w against activation rows r0..r0 + nr - 1 of xq [n_rows, nb] (nr <= tile_of(pk)), from pk when
+ * packed. */
+static inline int tile_of(const XPack *pk) { return pk->q ? PTILE : TILE; }
+
+static inline void dot_tile(const uint8_t *w, int fmt, int64_t nb, const XBlock *xq, const XPack *pk, int r0, int nr,
+                            float *out) {
+    const XBlock *xs[PTILE];
+    for (int r = 0; r < nr; r++) xs[r] = xq + (int64_t)(r0 + r) * nb;
+#if HAVE_AVX512
+    if (pk->q) { dot_rows_packed(w, fmt, nb, xs, pk, r0, nr, out); return; }
+#endif
+    dot_rows(w, fmt, nb, xs, nr, out);
 }
 
 /* ---- y += a * row (dequantized), one row of k values ---------------------------------------------- */
@@ -543,18 +650,19 @@ void pinfer_gemv(const uint8_t *w, int fmt, int64_t ld_w, int64_t k, const int64
         }
         return;
     }
+    XPack pk = xpack_for(xq, n_rows, nb, fmt);
+    const int tile = tile_of(&pk);
 #pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
     for (int64_t i = 0; i < n; i++) {
         const uint8_t *row = w + (idx ? idx[i] : i) * ld_w;
-        for (int r0 = 0; r0 < n_rows; r0 += TILE) {
-            const int nr = n_rows - r0 < TILE ? n_rows - r0 : TILE;
-            const XBlock *xs[TILE];
-            float out[TILE];
-            for (int r = 0; r < nr; r++) xs[r] = xq + (int64_t)(r0 + r) * nb;
-            dot_rows(row, fmt, nb, xs, nr, out);
+        for (int r0 = 0; r0 < n_rows; r0 += tile) {
+            const int nr = n_rows - r0 < tile ? n_rows - r0 : tile;
+            float out[PTILE];
+            dot_tile(row, fmt, nb, xq, &pk, r0, nr, out);
             for (int r = 0; r < nr; r++) y[(int64_t)(r0 + r) * ld_y + i] = out[r];
         }
     }
+    xpack_free(&pk);
 }
 
 /* Ask for the cache lines of [p, p + bytes): neurons picked by a mask are scattered, so the hardware
@@ -675,6 +783,8 @@ int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *wu, int6
     const int T = clamp_threads(n_threads, k, 16);
     float *part = T > 1 ? calloc((size_t)(T - 1) * nd, sizeof(float)) : NULL;
     if (T > 1 && !part) return -1;
+    XPack pk = xpack_for(xq, n_rows, nb, fmt_gu);
+    const int tile = tile_of(&pk);
     int64_t used = 0;
 #pragma omp parallel num_threads(T) if (T > 1) reduction(+ : used)
     {
@@ -694,19 +804,17 @@ int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *wu, int6
         } else
 #pragma omp for schedule(static)
         for (int64_t jj = 0; jj < k; jj++) {
-            for (int r0 = 0; r0 < n_rows; r0 += TILE) {
-                const int nr = n_rows - r0 < TILE ? n_rows - r0 : TILE;
-                const XBlock *xs[TILE];
-                float g[TILE], u[TILE];
-                int need[TILE], any = 0;
+            for (int r0 = 0; r0 < n_rows; r0 += tile) {
+                const int nr = n_rows - r0 < tile ? n_rows - r0 : tile;
+                float g[PTILE], u[PTILE];
+                int need[PTILE], any = 0;
                 for (int r = 0; r < nr; r++) {
-                    xs[r] = xq + (int64_t)(r0 + r) * nb;
                     need[r] = !row_mask || row_mask[(int64_t)(r0 + r) * ld_mask + jj];
                     any |= need[r];
                 }
                 if (!any) continue;
                 if (wg) {
-                    dot_rows(wg + idx[jj] * ld_g, fmt_gu, nb, xs, nr, g);
+                    dot_tile(wg + idx[jj] * ld_g, fmt_gu, nb, xq, &pk, r0, nr, g);
                     any = 0;
                     for (int r = 0; r < nr; r++) {
                         g[r] = actf(g[r], act);
@@ -715,7 +823,7 @@ int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *wu, int6
                     }
                     if (!any) continue;
                 }
-                dot_rows(wu + idx[jj] * ld_u, fmt_gu, nb, xs, nr, u);
+                dot_tile(wu + idx[jj] * ld_u, fmt_gu, nb, xq, &pk, r0, nr, u);
                 for (int r = 0; r < nr; r++) {
                     const float a = wg ? g[r] * u[r] : actf(u[r], act);
                     if (!need[r] || !above(a, tau_of(tau_each, idx[jj], tau_a))) continue;
@@ -730,6 +838,7 @@ int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *wu, int6
         for (int64_t i = 0; i < nd; i++) y[i] += p[i];
     }
     free(part);
+    xpack_free(&pk);
     if (n_used) *n_used = used;
     return 0;
 }
