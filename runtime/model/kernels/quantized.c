@@ -790,9 +790,9 @@ int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *wu, int6
     {
         const int t = omp_get_thread_num();
         float *yt = t == 0 ? y : part + (int64_t)(t - 1) * nd;
-        if (n_rows == 1) {                              /* decode: a thread's share of the list, in groups */
-            const int nt = omp_get_num_threads();
-            const int64_t lo = k * t / nt, hi = k * (t + 1) / nt;
+        const int nt = omp_get_num_threads();          /* a thread's share of the list: the same at any batch size, */
+        const int64_t lo = k * t / nt, hi = k * (t + 1) / nt;  /* so are a row's sums */
+        if (n_rows == 1) {                              /* decode: in groups */
             for (int64_t g0 = lo; g0 < hi; g0 += GROUP) {
                 int64_t js[GROUP];
                 int n = 0;
@@ -802,8 +802,7 @@ int pinfer_qffn(const XBlock *xq, int n_rows, int64_t d, const uint8_t *wu, int6
                                          tau_a, tau_each, yt);
             }
         } else
-#pragma omp for schedule(static)
-        for (int64_t jj = 0; jj < k; jj++) {
+        for (int64_t jj = lo; jj < hi; jj++) {
             for (int r0 = 0; r0 < n_rows; r0 += tile) {
                 const int nr = n_rows - r0 < tile ? n_rows - r0 : tile;
                 float g[PTILE], u[PTILE];
