@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import runtime  # noqa: F401  (first, before any torch import: see runtime/__init__.py)
+from runtime.model.kernels.build import cpu_model  # noqa: F401  (benchmarks name the CPU they ran on)
 
 import logging
 import os
-import platform
 import warnings
-from pathlib import Path
 from typing import Any
 
 
@@ -16,17 +15,6 @@ def quiet_logs() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (benchmarks name the machine they ran on)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def hf_model_for(llm: Any, dtype: str) -> Any:

@@ -250,7 +250,10 @@ def where(summary: dict) -> str:
     m, runtime = summary.get("machine") or {}, (summary.get("engine") or {}).get("runtime", "n/a")
     if not m:
         return runtime
-    return f"{runtime}, {m.get('cpus')} CPUs" + (f" + {m['gpu']}" if m.get("gpu") else "")
+    cpu = m.get("cpu")
+    named = cpu and cpu not in ("x86_64", "aarch64", "arm64")      # early summaries recorded the architecture only
+    return (f"{runtime}, {m.get('cpus')} CPUs" + (f" ({cpu})" if named else "")
+            + (f" + {m['gpu']}" if m.get("gpu") else ""))
 
 
 @dataclass

@@ -136,12 +136,12 @@ def run_humaneval(cfg: EvalConfig, llm: LLM | None = None, show_progress: bool =
 
 def machine(hybrid: bool) -> dict[str, Any]:
     """Where this run's samples were generated: speeds from different machines do not compare (Pass@1 does)."""
-    import platform
-
     import torch
 
+    from runtime.model.kernels.build import cpu_model
+
     gpu = torch.cuda.get_device_name(0) if hybrid and torch.cuda.is_available() else None
-    return {"cpus": os.cpu_count(), "cpu": platform.machine(), "gpu": gpu}
+    return {"cpus": os.cpu_count(), "cpu": cpu_model(), "gpu": gpu}
 
 
 def _previous_run(output: Path) -> tuple[dict[str, Any], float | None]:

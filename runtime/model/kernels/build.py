@@ -32,6 +32,18 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@cache
+def cpu_model() -> str:
+    """The CPU's model name (what benchmarks and eval summaries name the machine by)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def build_library(source: Path) -> ctypes.CDLL | None:
     """The compiled ``source`` (built once per CPU kind), or None when it cannot be built or loaded."""
     cc = os.environ.get("CC", "gcc")
