@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -375,6 +376,39 @@ def test_runs_resume_and_refuse_other_settings(smollm, tmp_path: Path) -> None:
     ResultStore(out, replace(settings, weights="fp32")).close()
     with pytest.raises(ValueError, match="weights: 'q4' now vs 'fp32' there"):
         ResultStore(out, replace(settings, weights="q4"))
+
+
+def test_results_survive_their_file_being_replaced_during_a_run(tmp_path: Path) -> None:
+    """A checkout or stash of a tracked results file replaces it under a running sweep: the store notices at its
+    next sample and rewrites the file with every sample it holds (and any the replacement brought), instead of
+    appending to the deleted file."""
+    from runtime.evals.results import ResultStore, RunSettings, SampleRecord
+
+    settings = RunSettings(model="m", prompt_format="raw", max_tokens=8, temperature=0.0, top_p=1.0, seed=None,
+                           dtype="float32", sparsity="dense", activation_sparsity=0.0, hot_fraction=None,
+                           timeout_s=1.0, memory_mb=64, stop=())
+
+    def record(i: int) -> SampleRecord:
+        return SampleRecord(f"HumanEval/{i}", 0, "raw", "x", "x", [1], 1, "stop", True, "passed", "", 0.1, 0.0,
+                            0.1, 0.1)
+
+    def on_disk() -> list[str]:
+        return [json.loads(line)["task_id"] for line in out.read_text().splitlines()]
+
+    out = tmp_path / "he.jsonl"
+    with ResultStore(out, settings) as store:
+        store.append(record(0))
+        store.append(record(1))
+        older = tmp_path / "older.jsonl"                            # the file as an older commit has it, plus a
+        older.write_text(out.read_text().splitlines()[0] + "\n" + json.dumps(asdict(record(7))) + "\n")
+        os.replace(older, out)                                      # sample this run never made
+        store.append(record(2))
+        assert sorted(on_disk()) == ["HumanEval/0", "HumanEval/1", "HumanEval/2", "HumanEval/7"]
+        out.unlink()
+        store.append(record(3))
+        store.append(record(4))                                     # and appends to the new file from then on
+    assert sorted(on_disk()) == [f"HumanEval/{i}" for i in (0, 1, 2, 3, 4, 7)]
+    assert len(ResultStore(out, settings).records) == 6
 
 
 def test_eval_refuses_a_weak_sandbox_unless_allowed(smollm, tmp_path: Path, monkeypatch, capsys) -> None:

@@ -138,10 +138,39 @@ class ResultStore:
     def append(self, record: SampleRecord) -> None:
         """Record one sample durably (flush + fsync), from any thread."""
         with self._lock:
+            self.records[record.key] = record
+            if self._replaced():
+                self._rewrite()
+                return
             self._file.write(json.dumps(asdict(record)) + "\n")
             self._file.flush()
             os.fsync(self._file.fileno())
-            self.records[record.key] = record
+
+    def _replaced(self) -> bool:
+        """Whether the path no longer names the file this store appends to (a ``git checkout`` or ``stash`` of a
+        tracked results file replaces it: what was appended after that would go to a deleted file)."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        mine = os.fstat(self._file.fileno())
+        return (now.st_ino, now.st_dev) != (mine.st_ino, mine.st_dev)
+
+    def _rewrite(self) -> None:
+        """Write every sample this run holds, and any other the file at the path now has, to the path
+        atomically, and append there from now on."""
+        theirs = self._load()
+        logger.warning("%s was replaced or removed during the run: rewriting it with its %d samples", self.path,
+                       len(theirs | self.records))
+        self.records = theirs | self.records
+        self._file.close()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(asdict(r)) + "\n" for r in self.records.values())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
 
     def close(self) -> None:
         self._file.close()
