@@ -548,8 +548,26 @@ static inline __m256 q8_quarter(const uint8_t *blk, int i) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * i))));
 }
 #endif
+#if HAVE_AVX512
+/* Half i of a Q8_0 block (weights 16i..16i+15) as floats. The AVX-512 additions below are the AVX2 ones 16
+ * elements to an instruction: each element's fused multiply-adds are the same, so are the sums. */
+static inline __m512 q8_half(const uint8_t *blk, int i) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2 + 16 * i))));
+}
+#endif
 
 static void axpy_row(const uint8_t *w, int fmt, int64_t nb, float a, float *y) {
+#if HAVE_AVX512
+    if (g_isa == ISA_AVX512 && fmt == FMT_Q8_0) {
+        for (int64_t b = 0; b < nb; b++, y += QK) {
+            const uint8_t *blk = w + b * 34;
+            const __m512 ad = _mm512_set1_ps(a * half_at(blk));
+            _mm512_storeu_ps(y, _mm512_fmadd_ps(ad, q8_half(blk, 0), _mm512_loadu_ps(y)));
+            _mm512_storeu_ps(y + 16, _mm512_fmadd_ps(ad, q8_half(blk, 1), _mm512_loadu_ps(y + 16)));
+        }
+        return;
+    }
+#endif
 #if HAVE_AVX2
     if (g_isa >= ISA_AVX2) {
         for (int64_t b = 0; b < nb; b++, y += QK) {
@@ -678,6 +696,41 @@ static inline void prefetch_span(const uint8_t *p, int64_t bytes) {
 /* y += sum over n neurons of a[t] * down[t] (rows of nb blocks): y stays in registers across a group. */
 #define GROUP 16
 static void axpy_group(const uint8_t *const *down, const float *a, int n, int fmt, int64_t nb, float *y) {
+#if HAVE_AVX512
+    if (g_isa == ISA_AVX512 && fmt == FMT_Q8_0) {         /* two blocks at a time: four independent chains */
+        int64_t b = 0;
+        for (; b + 1 < nb; b += 2) {
+            float *yb = y + b * QK;
+            __m512 v0 = _mm512_loadu_ps(yb), v1 = _mm512_loadu_ps(yb + 16), v2 = _mm512_loadu_ps(yb + 32),
+                   v3 = _mm512_loadu_ps(yb + 48);
+            for (int t = 0; t < n; t++) {
+                const uint8_t *blk = down[t] + b * 34;
+                const __m512 a0 = _mm512_set1_ps(a[t] * half_at(blk)), a1 = _mm512_set1_ps(a[t] * half_at(blk + 34));
+                v0 = _mm512_fmadd_ps(a0, q8_half(blk, 0), v0);
+                v1 = _mm512_fmadd_ps(a0, q8_half(blk, 1), v1);
+                v2 = _mm512_fmadd_ps(a1, q8_half(blk + 34, 0), v2);
+                v3 = _mm512_fmadd_ps(a1, q8_half(blk + 34, 1), v3);
+            }
+            _mm512_storeu_ps(yb, v0);
+            _mm512_storeu_ps(yb + 16, v1);
+            _mm512_storeu_ps(yb + 32, v2);
+            _mm512_storeu_ps(yb + 48, v3);
+        }
+        for (; b < nb; b++) {
+            float *yb = y + b * QK;
+            __m512 v0 = _mm512_loadu_ps(yb), v1 = _mm512_loadu_ps(yb + 16);
+            for (int t = 0; t < n; t++) {
+                const uint8_t *blk = down[t] + b * 34;
+                const __m512 a0 = _mm512_set1_ps(a[t] * half_at(blk));
+                v0 = _mm512_fmadd_ps(a0, q8_half(blk, 0), v0);
+                v1 = _mm512_fmadd_ps(a0, q8_half(blk, 1), v1);
+            }
+            _mm512_storeu_ps(yb, v0);
+            _mm512_storeu_ps(yb + 16, v1);
+        }
+        return;
+    }
+#endif
 #if HAVE_AVX2
     if (g_isa >= ISA_AVX2 && fmt == FMT_Q8_0) {
         for (int64_t b = 0; b < nb; b++) {
