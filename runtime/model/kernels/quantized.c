@@ -402,8 +402,8 @@ static NO_CONTRACT void dot_rows_avx512(const uint8_t *w, int fmt, int64_t nb, c
 /* Activation rows laid out for many weight rows (a batch): per row, each block pair's levels as one 64-byte run
  * (Q8_0: q + 128, the unsigned factor of VNNI's multiply-add, the weights being the signed one; Q4_1: q as it
  * is) and its scales d as 16 floats (block b's in lanes 0-7, b + 1's in 8-15). Built once per call, it leaves
- * a weight pair's per-row work at one load, one multiply-add, one conversion and two float products. */
-/* Returns 0, or -1 (pk left empty: callers take the unpacked path) when memory cannot be allocated. */
+ * a weight pair's per-row work at one load, one multiply-add, one conversion and two float products. Returns 0,
+ * or -1 (pk left empty: callers take the unpacked path) when memory cannot be allocated. */
 static int xpack_build(const XBlock *xq, int n_rows, int64_t nb, int fmt, XPack *pk) {
     const int64_t np = nb / 2, n = (int64_t)n_rows * np;
     pk->npair = np;
@@ -526,10 +526,11 @@ static XPack xpack_for(const XBlock *xq, int n_rows, int64_t nb, int fmt) {
     return pk;
 }
 
-/* Weight row w against activation rows r0..r0 + nr - 1 of xq [n_rows, nb] (nr <= tile_of(pk)), from pk when
- * packed. */
+/* Activation rows a weight row's pass reads at once. */
 static inline int tile_of(const XPack *pk) { return pk->q ? PTILE : TILE; }
 
+/* Weight row w against activation rows r0..r0 + nr - 1 of xq [n_rows, nb] (nr <= tile_of(pk)), from pk when
+ * packed. */
 static inline void dot_tile(const uint8_t *w, int fmt, int64_t nb, const XBlock *xq, const XPack *pk, int r0, int nr,
                             float *out) {
     const XBlock *xs[PTILE];
