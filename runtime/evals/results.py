@@ -159,10 +159,9 @@ class ResultStore:
     def _rewrite(self) -> None:
         """Write every sample this run holds, and any other the file at the path now has, to the path
         atomically, and append there from now on."""
-        theirs = self._load()
+        self.records = self._load() | self.records
         logger.warning("%s was replaced or removed during the run: rewriting it with its %d samples", self.path,
-                       len(theirs | self.records))
-        self.records = theirs | self.records
+                       len(self.records))
         self._file.close()
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
