@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from runtime.errors import PinferError
+from runtime.jsonl_log import JsonlLog
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +84,19 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 class ResultStore:
-    """Append-only JSONL of ``SampleRecord``s beside ``<name>.settings.json``; reopening resumes it."""
+    """Append-only JSONL (``JsonlLog``) of ``SampleRecord``s beside ``<name>.settings.json``; reopening resumes it."""
 
     def __init__(self, path: str | Path, settings: RunSettings) -> None:
         self.path = Path(path)
         self.settings_path = sidecar(self.path, "settings")
         self.settings = settings
-        self._lock = threading.Lock()
         self._check_settings()
-        self.records: dict[tuple[str, int], SampleRecord] = self._load()
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._log = JsonlLog(self.path, key=lambda r: (r["task_id"], r["sample"]))
+        names = {f.name for f in fields(SampleRecord)}
+        records = [SampleRecord(**{k: v for k, v in r.items() if k in names}) for r in self._log.records]
+        self.records: dict[tuple[str, int], SampleRecord] = {r.key: r for r in records}
+        if records:
+            logger.info("%s: resuming with %d samples already judged", self.path, len(self.records))
 
     def _check_settings(self) -> None:
         mine = self.settings.to_json()
@@ -113,66 +116,16 @@ class ResultStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json(self.settings_path, mine)
 
-    def _load(self) -> dict[tuple[str, int], SampleRecord]:
-        if not self.path.exists():
-            return {}
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):                     # a line cut short by a kill: drop it, that sample runs again
-            logger.warning("%s: dropping an incomplete last line (%d bytes)", self.path, len(data) - end)
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-        names = {f.name for f in fields(SampleRecord)}
-        records = {}
-        for line in data[:end].decode("utf-8").splitlines():
-            if line.strip():
-                r = SampleRecord(**{k: v for k, v in json.loads(line).items() if k in names})
-                records[r.key] = r
-        if records:
-            logger.info("%s: resuming with %d samples already judged", self.path, len(records))
-        return records
-
     def __contains__(self, key: tuple[str, int]) -> bool:
         return key in self.records
 
     def append(self, record: SampleRecord) -> None:
-        """Record one sample durably (flush + fsync), from any thread."""
-        with self._lock:
-            self.records[record.key] = record
-            if self._replaced():
-                self._rewrite()
-                return
-            self._file.write(json.dumps(asdict(record)) + "\n")
-            self._file.flush()
-            os.fsync(self._file.fileno())
-
-    def _replaced(self) -> bool:
-        """Whether the path no longer names the file this store appends to (a ``git checkout`` or ``stash`` of a
-        tracked results file replaces it: what was appended after that would go to a deleted file)."""
-        try:
-            now = os.stat(self.path)
-        except FileNotFoundError:
-            return True
-        mine = os.fstat(self._file.fileno())
-        return (now.st_ino, now.st_dev) != (mine.st_ino, mine.st_dev)
-
-    def _rewrite(self) -> None:
-        """Write every sample this run holds, and any other the file at the path now has, to the path
-        atomically, and append there from now on."""
-        self.records = self._load() | self.records
-        logger.warning("%s was replaced or removed during the run: rewriting it with its %d samples", self.path,
-                       len(self.records))
-        self._file.close()
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(asdict(r)) + "\n" for r in self.records.values())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        self._file = open(self.path, "a", encoding="utf-8")
+        """Record one sample durably (see ``JsonlLog``), from any thread."""
+        self.records[record.key] = record
+        self._log.append(asdict(record))
 
     def close(self) -> None:
-        self._file.close()
+        self._log.close()
 
     def __enter__(self) -> "ResultStore":
         return self

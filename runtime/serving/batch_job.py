@@ -1,4 +1,4 @@
-"""``pinfer batch``: a resumable JSONL job. Every finished result is appended and flushed at once; a rerun
+"""``pinfer batch``: a resumable JSONL job. Every finished result is appended durably at once (``JsonlLog``); a rerun
 skips ids already in the output; bad lines go to an errors file with their line number and the job
 goes on.
 
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -20,6 +18,7 @@ from typing import Any
 
 from runtime.api import EngineClient, generate_retrying
 from runtime.errors import InvalidRequestError
+from runtime.jsonl_log import JsonlLog
 from runtime.outputs import RequestOutput
 from runtime.sampling import SamplingParams
 
@@ -57,27 +56,19 @@ class Summary:
                 "tokens_per_s": round(self.tokens_per_s, 2), "error_lines": self.error_lines[:50]}
 
 
+def open_output(output: Path) -> JsonlLog:
+    """The job's output log (see ``JsonlLog``): a torn last line is cut and redone; a file that is not a pinfer
+    batch output is refused."""
+    try:
+        return JsonlLog(output, key=lambda r: str(r["id"]), ensure_ascii=False)
+    except ValueError as e:
+        raise ValueError(f"{e}; it is not a pinfer batch output (move it away to start over)") from None
+
+
 def finished_ids(output: Path) -> set[str]:
-    """Ids already in ``output``. A record counts only with its newline: a torn last line (a kill or a full disk
-    mid-write, even one that stopped right before the newline) is cut off and redone, so appends stay valid JSONL."""
-    if not output.exists():
-        return set()
-    done: set[str] = set()
-    with output.open("r+b") as f:
-        good_end = 0
-        for raw in iter(f.readline, b""):
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                done.add(str(json.loads(raw)["id"]))
-            except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{output} has a corrupt line at byte {good_end}; it is not a pinfer "
-                                 f"batch output (move it away to start over)") from None
-            good_end = f.tell()
-        if good_end != f.seek(0, os.SEEK_END):
-            logger.warning("dropping a torn last line from %s", output)
-            f.truncate(good_end)
-    return done
+    """Ids already in ``output``: a record counts only with its newline."""
+    with open_output(output) as log:
+        return {log.key(r) for r in log.records}
 
 
 def parse_jobs(lines: Iterator[str | bytes], defaults: dict[str, Any],
@@ -166,22 +157,15 @@ class BatchJob:
 
         summary = Summary()
         t0 = time.perf_counter()
-        done = finished_ids(output)
-        lock = threading.Lock()
-        with input_path.open("rb") as f_in, output.open("a", encoding="utf-8") as f_out, \
-                errors_path.open("w", encoding="utf-8") as f_err:
-
-            def write(f, record: dict[str, Any]) -> None:
-                text = json.dumps(record, ensure_ascii=f is f_err) + "\n"      # an error may quote bad text: escaped
-                with lock:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
+        errors_path.write_bytes(b"")                     # this run's errors; an error may quote bad text: escaped
+        with input_path.open("rb") as f_in, open_output(output) as out_log, \
+                JsonlLog(errors_path, key=lambda r: r["line"]) as err_log:
+            done = {out_log.key(r) for r in out_log.records}
 
             def error(line: int, rid: Any, message: str) -> None:
                 summary.errors += 1
                 summary.error_lines.append(line)
-                write(f_err, {"line": line, "id": rid, "error": message})
+                err_log.append({"line": line, "id": rid, "error": message})
 
             lines = f_in.readlines()
             summary.input_lines = sum(1 for ln in lines if ln.strip())
@@ -204,10 +188,10 @@ class BatchJob:
                         except Exception as e:  # noqa: BLE001 - bad prompt, failed request, dead engine: this line only
                             error(job.line, job.id, f"{type(e).__name__}: {e}")
                         else:
-                            write(f_out, {"id": job.id, "line": job.line, "text": out.text,
-                                          "finish_reason": out.finish_reason, "token_ids": out.token_ids,
-                                          "prompt_tokens": len(out.prompt_token_ids),
-                                          "completion_tokens": len(out.token_ids), "metrics": out.metrics})
+                            out_log.append({"id": job.id, "line": job.line, "text": out.text,
+                                            "finish_reason": out.finish_reason, "token_ids": out.token_ids,
+                                            "prompt_tokens": len(out.prompt_token_ids),
+                                            "completion_tokens": len(out.token_ids), "metrics": out.metrics})
                             summary.completed += 1
                             summary.completion_tokens += len(out.token_ids)
                         bar.update(1)
