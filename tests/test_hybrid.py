@@ -91,9 +91,10 @@ def test_hot_and_cold_work_of_a_layer_overlap(ray_cluster) -> None:
         llm.shutdown()
     overlapped, total = overlapping_layers(events)
     assert total == 30 * 8                       # 30 layers x (1 prefill + 7 decode steps)
-    # Serialized dispatch would give exactly 0; on a quiet 2-core machine most layers overlap, but a busy
-    # machine may start the CPU executor late, so ask only for a clear share (no timing thresholds).
-    assert overlapped / total >= 0.1, f"only {overlapped}/{total} layer runs overlapped"
+    # Serialized dispatch gives exactly 0. On a quiet 2-core machine most layers overlap, but a machine busy
+    # with other work may start the CPU executor late at any layer (17/240 beside a 2-thread sweep): any share
+    # above 0 is a timing threshold, so ask for overlap, not for how much.
+    assert overlapped > 0, f"no layer run of {total} overlapped: hot and cold work is serialized"
 
 
 def _pinfer_segments() -> set[str]:
