@@ -40,7 +40,11 @@ class JsonlLog:
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a+b")
-        self.records = self._read_existing()
+        try:
+            self.records = self._read_existing()
+        except ValueError:
+            self._file.close()
+            raise
 
     def _read_existing(self) -> list[dict[str, Any]]:
         self._file.seek(0)
@@ -80,12 +84,12 @@ class JsonlLog:
     def _rewrite(self) -> None:
         self._file.seek(0)
         lines = [ln for _, ln in _complete_lines(self._file.read())]
-        keys = {self._key_of(ln) for ln in lines}
+        known = {self._key_of(ln) for ln in lines} | {None}          # None: a line of theirs that is no record
         try:
             theirs = [ln for _, ln in _complete_lines(self.path.read_bytes())]
         except FileNotFoundError:
             theirs = []
-        lines += [ln for ln in theirs if self._key_of(ln) not in keys | {None}]
+        lines += [ln for ln in theirs if self._key_of(ln) not in known]
         logger.warning("%s was replaced or removed during the run: rewriting it with its %d records", self.path,
                        len(lines))
         tmp = self.path.with_name(self.path.name + ".tmp")
