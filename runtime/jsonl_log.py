@@ -32,36 +32,37 @@ def _complete_lines(data: bytes) -> list[tuple[int, bytes]]:
 
 
 class JsonlLog:
-    """``records``: what the file held when opened (dicts, in file order). ``key`` names a record's identity:
-    on a rewrite, a record of this log's file wins over the replacement's record with the same key."""
+    """``key`` names a record's identity: on a rewrite, a record of this log's file wins over the replacement's
+    record with the same key. ``on_record`` receives each record the file held when opened (in file order); the
+    log itself keeps none."""
 
-    def __init__(self, path: str | Path, key: Key, ensure_ascii: bool = True) -> None:
+    def __init__(self, path: str | Path, key: Key, ensure_ascii: bool = True,
+                 on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.path, self.key, self.ensure_ascii = Path(path), key, ensure_ascii
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a+b")
         try:
-            self.records = self._read_existing()
+            self._read_existing(on_record)
         except ValueError:
             self._file.close()
             raise
 
-    def _read_existing(self) -> list[dict[str, Any]]:
+    def _read_existing(self, on_record: Callable[[dict[str, Any]], None] | None) -> None:
         self._file.seek(0)
         data = self._file.read()
-        records = []
         for at, raw in _complete_lines(data):
             try:
                 obj = json.loads(raw)
                 self.key(obj)
             except (ValueError, KeyError, TypeError):
                 raise ValueError(f"{self.path} has a corrupt line at byte {at}") from None
-            records.append(obj)
+            if on_record:
+                on_record(obj)
         end = data.rfind(b"\n") + 1
         if end < len(data):
             logger.warning("%s: dropping an incomplete last line (%d bytes)", self.path, len(data) - end)
             self._file.truncate(end)
-        return records
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one record durably, from any thread."""

@@ -91,11 +91,15 @@ class ResultStore:
         self.settings_path = sidecar(self.path, "settings")
         self.settings = settings
         self._check_settings()
-        self._log = JsonlLog(self.path, key=lambda r: (r["task_id"], r["sample"]))
+        self.records: dict[tuple[str, int], SampleRecord] = {}
         names = {f.name for f in fields(SampleRecord)}
-        records = [SampleRecord(**{k: v for k, v in r.items() if k in names}) for r in self._log.records]
-        self.records: dict[tuple[str, int], SampleRecord] = {r.key: r for r in records}
-        if records:
+
+        def load(r: dict[str, Any]) -> None:
+            record = SampleRecord(**{k: v for k, v in r.items() if k in names})
+            self.records[record.key] = record
+
+        self._log = JsonlLog(self.path, key=lambda r: (r["task_id"], r["sample"]), on_record=load)
+        if self.records:
             logger.info("%s: resuming with %d samples already judged", self.path, len(self.records))
 
     def _check_settings(self) -> None:

@@ -56,19 +56,21 @@ class Summary:
                 "tokens_per_s": round(self.tokens_per_s, 2), "error_lines": self.error_lines[:50]}
 
 
-def open_output(output: Path) -> JsonlLog:
-    """The job's output log (see ``JsonlLog``): a torn last line is cut and redone; a file that is not a pinfer
-    batch output is refused."""
+def open_output(output: Path, done: set[str]) -> JsonlLog:
+    """The job's output log (see ``JsonlLog``), the ids it already holds added to ``done``: a torn last line is
+    cut and redone; a file that is not a pinfer batch output is refused."""
     try:
-        return JsonlLog(output, key=lambda r: str(r["id"]), ensure_ascii=False)
+        return JsonlLog(output, key=lambda r: str(r["id"]), ensure_ascii=False,
+                        on_record=lambda r: done.add(str(r["id"])))
     except ValueError as e:
         raise ValueError(f"{e}; it is not a pinfer batch output (move it away to start over)") from None
 
 
 def finished_ids(output: Path) -> set[str]:
     """Ids already in ``output``: a record counts only with its newline."""
-    with open_output(output) as log:
-        return {log.key(r) for r in log.records}
+    done: set[str] = set()
+    open_output(output, done).close()
+    return done
 
 
 def parse_jobs(lines: Iterator[str | bytes], defaults: dict[str, Any],
@@ -158,9 +160,9 @@ class BatchJob:
         summary = Summary()
         t0 = time.perf_counter()
         errors_path.write_bytes(b"")                     # this run's errors; an error may quote bad text: escaped
-        with input_path.open("rb") as f_in, open_output(output) as out_log, \
+        done: set[str] = set()
+        with input_path.open("rb") as f_in, open_output(output, done) as out_log, \
                 JsonlLog(errors_path, key=lambda r: r["line"]) as err_log:
-            done = {out_log.key(r) for r in out_log.records}
 
             def error(line: int, rid: Any, message: str) -> None:
                 summary.errors += 1
